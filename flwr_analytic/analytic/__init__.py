@@ -1,0 +1,42 @@
+"""Analytic (gradient-free) layer-wise learning from sufficient statistics (no Flower imports).
+
+See :mod:`flwr_analytic.analytic.statistics` for ``(G, B, n)``, :mod:`~.solvers` for the closed forms,
+:mod:`~.targets` for hidden-layer schemes and :mod:`~.network` for the layered network.
+"""
+
+from flwr_analytic.analytic.design import StatisticsAccumulator, conv_rows
+from flwr_analytic.analytic.network import AnalyticNetwork, layer_seed
+from flwr_analytic.analytic.solvers import (
+    IllConditionedWarning,
+    Regularization,
+    personalized_solve,
+    ridge_solve,
+)
+from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError, merge
+from flwr_analytic.analytic.targets import SCHEMES, TargetScheme
+from flwr_analytic.analytic.training import (
+    FederatedFit,
+    fit_centralized,
+    fit_federated,
+    personalize,
+)
+
+__all__ = [
+    "SCHEMES",
+    "AnalyticNetwork",
+    "FederatedFit",
+    "IllConditionedWarning",
+    "LayerStatistics",
+    "Regularization",
+    "StatisticsAccumulator",
+    "StatisticsError",
+    "TargetScheme",
+    "conv_rows",
+    "fit_centralized",
+    "fit_federated",
+    "layer_seed",
+    "merge",
+    "personalize",
+    "personalized_solve",
+    "ridge_solve",
+]

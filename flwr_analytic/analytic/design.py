@@ -1,0 +1,137 @@
+"""Design matrices of FC and conv layers, accumulated batch by batch into :class:`LayerStatistics`.
+
+A layer's design matrix has one row per (sample, output position): an FC layer has one row ``[h, 1]``
+per sample; a conv layer with kernel ``k`` has one im2col patch row ``[p, 1]`` (``p`` of length
+``C_in·k²``, as :func:`torch.nn.functional.unfold` gives) per output position. The whole matrix is never
+held: each batch's rows are folded into ``G = AᵀA`` with a symmetric rank-k update (BLAS ``syrk``,
+half the flops of a general ``AᵀA``) and into ``B = AᵀT``. Targets are per *sample* and shared by all
+of a sample's positions (the paper's pseudo-labels are repeated at every spatial position), so
+
+    B = Σ_n (Σ_pos a_{n,pos}) t_nᵀ,
+
+one small product per batch instead of one per row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.linalg.blas import dsyrk, ssyrk
+
+from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError
+
+
+class StatisticsAccumulator:
+    """Streams batches of design rows into float64 ``G``, ``B`` and ``n``.
+
+    Parameters
+    ----------
+    dim : int
+        Design width ``D`` (input features + 1).
+    targets : int
+        Target columns ``m`` (0 for layers that need only ``G``).
+    compute_dtype : {"float64", "float32"}
+        Precision of each batch's product. ``float64`` is exact to rounding (use it when the
+        federated result must equal the centralized one to 1e-9); ``float32`` is about twice as fast
+        on CPUs, adds each batch product into the float64 sum, and has a relative Gram error ~1e-7.
+
+    """
+
+    def __init__(self, dim: int, targets: int, compute_dtype: str = "float64") -> None:
+        if compute_dtype not in ("float64", "float32"):
+            raise ValueError(f"compute_dtype must be 'float64' or 'float32', got {compute_dtype!r}")
+        self.dim = dim
+        self.targets = targets
+        self.compute_dtype = compute_dtype
+        p = dim - 1
+        # Upper triangle of PᵀP, Fortran order so syrk updates it in place.
+        self._ptp = np.zeros((p, p), order="F")
+        self._psum = np.zeros(p)
+        self._rows = 0
+        self._cross = np.zeros((dim, targets))
+        self._count = 0
+
+    def add_patches(self, patches: torch.Tensor, targets: np.ndarray | torch.Tensor | None) -> None:
+        """Add a batch of design rows grouped by sample.
+
+        Parameters
+        ----------
+        patches : torch.Tensor
+            ``(N, L, D − 1)``: sample ``n`` contributes the ``L`` design rows ``patches[n, j]`` (the
+            bias entry 1 is implicit). FC layers have ``L = 1``; see :func:`conv_rows` for conv layers.
+        targets : array-like or None
+            ``(N, m)`` per-sample targets, repeated over the ``L`` rows; ``None`` when ``m = 0``.
+
+        """
+        n, positions, p = patches.shape
+        if p != self.dim - 1:
+            raise StatisticsError(f"patches have {p} features, layer expects {self.dim - 1}")
+        dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
+        rows = patches.to(dtype).reshape(n * positions, p).contiguous().numpy()
+        # rows.T is Fortran-ordered (p, R): syrk computes (rows.T)(rows.T)ᵀ = rowsᵀrows, no copy.
+        if self.compute_dtype == "float64":
+            dsyrk(1.0, rows.T, beta=1.0, c=self._ptp, trans=0, lower=0, overwrite_c=1)
+        else:
+            self._ptp += ssyrk(1.0, rows.T, trans=0, lower=0)
+        sample_sums = rows.reshape(n, positions, p).sum(axis=1, dtype=np.float64)  # (N, p)
+        self._psum += sample_sums.sum(axis=0)
+        self._rows += n * positions
+        self._count += n
+        if self.targets:
+            if targets is None:
+                raise StatisticsError(f"layer needs {self.targets} target columns, got none")
+            t = np.asarray(targets, dtype=np.float64)
+            if t.shape != (n, self.targets):
+                raise StatisticsError(
+                    f"targets have shape {t.shape}, expected ({n}, {self.targets})"
+                )
+            self._cross[:-1] += sample_sums.T @ t
+            self._cross[-1] += positions * t.sum(axis=0)
+
+    def add_rows(self, rows: torch.Tensor, targets: np.ndarray | torch.Tensor | None) -> None:
+        """Add FC design rows ``(N, D − 1)`` (one row per sample) and targets ``(N, m)``."""
+        self.add_patches(rows.reshape(rows.shape[0], 1, -1), targets)
+
+    def result(self) -> LayerStatistics:
+        """The accumulated statistics (a copy; accumulation may continue)."""
+        p = self.dim - 1
+        gram = np.empty((self.dim, self.dim))
+        upper = np.triu(self._ptp)
+        gram[:p, :p] = upper + np.triu(upper, 1).T
+        gram[:p, -1] = self._psum
+        gram[-1, :p] = self._psum
+        gram[-1, -1] = self._rows
+        return LayerStatistics(gram, self._cross.copy(), self._count)
+
+
+def conv_rows(x: torch.Tensor, kernel_size: int, padding: int) -> torch.Tensor:
+    """im2col of a batch in one copy: ``(N, C, H, W)`` -> ``(N, L, C·k²)`` (stride 1).
+
+    Row ``[n, (i, j)]`` is the patch under output position ``(i, j)``, flattened channel-major like
+    ``Conv2d.weight`` and :func:`torch.nn.functional.unfold` (which this equals up to a transpose).
+    """
+    if padding:
+        x = F.pad(x, (padding, padding, padding, padding))
+    n, c, h, w = x.shape
+    ho, wo = h - kernel_size + 1, w - kernel_size + 1
+    sn, sc, sh, sw = x.stride()
+    view = x.as_strided((n, ho, wo, c, kernel_size, kernel_size), (sn, sh, sw, sc, sh, sw))
+    return view.reshape(n, ho * wo, c * kernel_size * kernel_size)
+
+
+def weight_to_conv(
+    w: np.ndarray, in_channels: int, kernel_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map a solved design-space matrix ``W`` (D x C_out) to ``Conv2d`` weight and bias.
+
+    ``weight = W[:-1].T.reshape(C_out, C_in, k, k)``, ``bias = W[-1]``.
+    """
+    c_out = w.shape[1]
+    return w[:-1].T.reshape(c_out, in_channels, kernel_size, kernel_size), w[-1].copy()
+
+
+def conv_to_weight(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`weight_to_conv`: stack ``Conv2d`` weight and bias into ``W`` (D x C_out)."""
+    c_out = weight.shape[0]
+    return np.vstack([weight.reshape(c_out, -1).T, bias[None, :]])

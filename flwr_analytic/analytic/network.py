@@ -1,0 +1,264 @@
+"""An analytic network: conv/FC layers trained one at a time from sufficient statistics.
+
+Layer ``l``'s design rows are computed by forwarding the data through the already solved layers
+``< l`` (fixed activations and pooling); its weights come from the summed statistics by the layer's
+target scheme (hidden layers) or by ridge regression onto one-hot labels (output layer). The network
+is a plain :class:`~flwr_analytic.models.SpecNet` underneath, so it exports as a ``torch.nn.Module`` /
+``state_dict`` that runs anywhere. ACnnL: Zhuang, Lin, Yang, Toh, Information Sciences 2025; FedACnnL:
+Gu et al., arXiv 2502.06915.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from flwr_analytic.analytic.design import (
+    StatisticsAccumulator,
+    conv_rows,
+    conv_to_weight,
+    weight_to_conv,
+)
+from flwr_analytic.analytic.solvers import Regularization, ridge_solve
+from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError
+from flwr_analytic.analytic.targets import TargetScheme, one_hot
+from flwr_analytic.models import Architecture, ConvSpec, SpecNet, build_module
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def layer_seed(seed: int, layer: int) -> int:
+    """The seed of ``layer``'s random choices (encodings, random filters), derived from the run seed."""
+    return int(np.random.SeedSequence([seed, layer]).generate_state(1)[0])
+
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` of at most ``batch_size`` rows."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+class AnalyticNetwork:
+    """A stack of analytic layers over an :class:`~flwr_analytic.models.Architecture`.
+
+    Parameters
+    ----------
+    arch : Architecture
+        Layer specs; the last layer is the linear output onto ``arch.num_classes``.
+    scheme : str, TargetScheme, or a sequence of them
+        Hidden-layer target scheme (``"label-pca"``, ``"pca"``, ``"label-encoding"``, ``"random"``):
+        one for every hidden layer, or one per hidden layer.
+    hidden_reg : Regularization
+        Ridge rule of hidden layers that regress onto targets (label-encoding, label channels).
+    output_reg : Regularization
+        Ridge rule of the output layer.
+    seed : int
+        Seed of encodings and random filters (every client and the server must use the same).
+    dtype : {"float64", "float32"}
+        Precision of the forward pass and of each batch's Gram product (sums are always float64).
+        ``float64`` makes federated and centralized training agree to rounding; ``float32`` is faster.
+
+    """
+
+    def __init__(
+        self,
+        arch: Architecture,
+        scheme: str | TargetScheme | Sequence[str | TargetScheme] = "label-pca",
+        *,
+        hidden_reg: Regularization | None = None,
+        output_reg: Regularization | None = None,
+        seed: int = 0,
+        dtype: str = "float64",
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+        self.arch = arch
+        given = [scheme] if isinstance(scheme, str | TargetScheme) else list(scheme)
+        if len(given) == 1:
+            given = given * len(arch.hidden)
+        if len(given) != len(arch.hidden):
+            raise ValueError(f"{len(given)} schemes given for {len(arch.hidden)} hidden layers")
+        self.schemes = [s if isinstance(s, TargetScheme) else TargetScheme(s) for s in given]
+        self.hidden_reg = hidden_reg or Regularization(1e-2)
+        self.output_reg = output_reg or Regularization(1e-6)
+        self.seed = seed
+        self.dtype = dtype
+        self.module: SpecNet = build_module(arch).to(_DTYPES[dtype]).eval()
+        self.weights: list[np.ndarray | None] = [None] * arch.num_layers
+
+    # ----------------------------------------------------------------------------------- shapes
+    @property
+    def num_layers(self) -> int:
+        """Trainable layers, output included."""
+        return self.arch.num_layers
+
+    def is_output(self, layer: int) -> bool:
+        """Whether ``layer`` is the output layer."""
+        return layer == self.num_layers - 1
+
+    def design_dim(self, layer: int) -> int:
+        """``D`` of ``layer``."""
+        return self.arch.design_dim(layer)
+
+    def num_targets(self, layer: int) -> int:
+        """Target columns ``m`` of ``layer``'s ``B``."""
+        if self.is_output(layer):
+            return self.arch.num_classes
+        return self.schemes[layer].num_targets(self.arch.out_width(layer), self.arch.num_classes)
+
+    def needs_statistics(self, layer: int) -> bool:
+        """Whether ``layer`` is fitted from statistics (random layers are not)."""
+        return self.is_output(layer) or self.schemes[layer].needs_statistics
+
+    @property
+    def solved_layers(self) -> int:
+        """Number of leading layers already solved."""
+        n = 0
+        while n < self.num_layers and self.weights[n] is not None:
+            n += 1
+        return n
+
+    # ---------------------------------------------------------------------------- client half
+    def _as_tensor(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(x)
+        return t.to(_DTYPES[self.dtype])
+
+    def layer_targets(self, layer: int, y: np.ndarray) -> np.ndarray | None:
+        """Per-sample targets ``t_n`` of ``layer`` (one-hot labels for the output layer)."""
+        if self.is_output(layer):
+            return one_hot(y, self.arch.num_classes)
+        spec = self.arch.spec(layer)
+        return self.schemes[layer].targets(
+            y,
+            self.arch.num_classes,
+            self.arch.out_width(layer),
+            spec.activation,
+            layer_seed(self.seed, layer),
+        )
+
+    @torch.no_grad()
+    def layer_input(self, layer: int, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Input of ``layer`` for a batch: ``x`` forwarded through the solved layers ``< layer``."""
+        if self.solved_layers < layer:
+            raise RuntimeError(
+                f"layer {layer} needs layers 0..{layer - 1} solved; {self.solved_layers} are"
+            )
+        return self.module(self._as_tensor(x), upto=layer)
+
+    @torch.no_grad()
+    def statistics(
+        self, layer: int, x: np.ndarray | torch.Tensor, y: np.ndarray, batch_size: int = 256
+    ) -> LayerStatistics:
+        """``(G, B, n)`` of ``layer`` on ``(x, y)``, streamed in batches (the client's job).
+
+        Memory is bounded by ``batch_size`` and the layer width, never by the data size.
+        """
+        spec = self.arch.spec(layer)
+        acc = StatisticsAccumulator(self.design_dim(layer), self.num_targets(layer), self.dtype)
+        y = np.asarray(y)
+        if len(y) != len(x):
+            raise StatisticsError(f"{len(x)} samples but {len(y)} labels")
+        for sl in batches(len(y), batch_size):
+            h = self.layer_input(layer, x[sl])
+            t = self.layer_targets(layer, y[sl]) if acc.targets else None
+            if isinstance(spec, ConvSpec):
+                acc.add_patches(conv_rows(h, spec.kernel_size, spec.padding), t)
+            else:
+                acc.add_rows(torch.flatten(h, 1), t)
+        return acc.result()
+
+    # ---------------------------------------------------------------------------- server half
+    def solve(self, layer: int, stats: LayerStatistics | None) -> np.ndarray:
+        """Fit ``layer`` from its summed statistics and install it; returns ``W`` (D x C_out).
+
+        Output layer: ``W = (G + γI)⁻¹ AᵀY``; hidden layers: the target scheme's rule.
+        """
+        if self.solved_layers != layer:
+            raise RuntimeError(
+                f"layers are solved in order: next is {self.solved_layers}, got {layer}"
+            )
+        dim, width = self.design_dim(layer), self.arch.out_width(layer)
+        if stats is not None:
+            stats.validate(dim, self.num_targets(layer))
+        if self.is_output(layer):
+            if stats is None:
+                raise ValueError("the output layer needs its statistics")
+            w = ridge_solve(stats.gram, stats.cross, self.output_reg)
+        else:
+            w = self.schemes[layer].weights(
+                stats, dim, width, self.hidden_reg, layer_seed(self.seed, layer)
+            )
+        self.set_layer(layer, w)
+        return w
+
+    def set_layer(self, layer: int, w: np.ndarray) -> None:
+        """Install design-space weights ``W`` (D x C_out) as ``layer``'s torch parameters."""
+        dim, width = self.design_dim(layer), self.arch.out_width(layer)
+        w = np.asarray(w, dtype=np.float64)
+        if w.shape != (dim, width):
+            raise ValueError(f"layer {layer} weights must be ({dim}, {width}), got {w.shape}")
+        if not np.all(np.isfinite(w)):
+            raise ValueError(f"layer {layer} weights are not finite")
+        spec, op = self.arch.spec(layer), self.module.blocks[layer].op
+        if isinstance(spec, ConvSpec):
+            weight, bias = weight_to_conv(w, self.arch.input_shape_of(layer)[0], spec.kernel_size)
+        else:
+            weight, bias = w[:-1].T, w[-1]
+        op.weight.data = torch.from_numpy(np.ascontiguousarray(weight)).to(op.weight.dtype)
+        op.bias.data = torch.from_numpy(np.ascontiguousarray(bias)).to(op.bias.dtype)
+        self.weights[layer] = w.copy()
+
+    # ------------------------------------------------------------------------- use and export
+    @torch.no_grad()
+    def predict(self, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+        """Output scores (N x c) of the fully solved network."""
+        if self.solved_layers != self.num_layers:
+            raise RuntimeError(f"only {self.solved_layers} of {self.num_layers} layers are solved")
+        out = [self.module(self._as_tensor(x[sl])).numpy() for sl in batches(len(x), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.arch.num_classes))
+
+    def evaluate(self, x: np.ndarray | torch.Tensor, y: np.ndarray) -> dict[str, float]:
+        """Accuracy and loss (mean squared error to one-hot, the layer's training objective)."""
+        scores = self.predict(x)
+        y = np.asarray(y)
+        if len(y) == 0:
+            return {"accuracy": float("nan"), "loss": float("nan"), "num-examples": 0}
+        correct = int(np.sum(scores.argmax(1) == y))
+        loss = float(np.mean(np.sum((scores - one_hot(y, self.arch.num_classes)) ** 2, axis=1)))
+        return {
+            "accuracy": correct / len(y),
+            "loss": loss,
+            "correct": correct,
+            "num-examples": len(y),
+        }
+
+    def with_weights(self, weights: list[np.ndarray]) -> AnalyticNetwork:
+        """A copy of this network with other layer weights (e.g. a client's personalized model)."""
+        other = copy.deepcopy(self)
+        for layer, w in enumerate(weights):
+            other.set_layer(layer, w)
+        return other
+
+    def to_module(self, dtype: torch.dtype = torch.float32) -> SpecNet:
+        """The trained network as a plain ``torch.nn.Module`` (a copy, in ``dtype``)."""
+        return copy.deepcopy(self.module).to(dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``state_dict`` of :meth:`to_module` in float64; loads into ``build_module(arch)``."""
+        return {k: v.clone() for k, v in self.module.state_dict().items()}
+
+    def load_module(self, module: torch.nn.Module) -> None:
+        """Install the weights of a ``SpecNet`` of the same architecture (inverse of :meth:`to_module`)."""
+        for layer in range(self.num_layers):
+            op = module.blocks[layer].op
+            weight = op.weight.detach().double().numpy()
+            bias = op.bias.detach().double().numpy()
+            if isinstance(self.arch.spec(layer), ConvSpec):
+                self.set_layer(layer, conv_to_weight(weight, bias))
+            else:
+                self.set_layer(layer, np.vstack([weight.T, bias[None, :]]))

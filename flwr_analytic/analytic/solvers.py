@@ -1,0 +1,113 @@
+"""Closed-form ridge solvers: FedACnnL's layer solve and pFedACnnL's personalized solve.
+
+Server (Gu et al., arXiv 2502.06915, eq. for FedACnnL): ``W = (Σ_k G_k + γI)⁻¹ Σ_k B_k``.
+Client k (pFedACnnL): ``W_k = (G_k + λI)⁻¹(B_k + λW) = W + (G_k + λI)⁻¹(B_k − G_k W)``, the minimizer of
+``||T_k − A_k W||² + λ||W − W_global||²``: λ → ∞ gives the global model, λ → 0 the local ridge model.
+
+Systems are solved by Cholesky (``scipy.linalg.cho_factor``), never with an explicit inverse. When the
+factorization fails (a singular or indefinite matrix at too small a γ), a
+:class:`IllConditionedWarning` is issued and the minimum-norm least-squares solution is returned.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+RULES = ("relative", "absolute")
+
+
+class IllConditionedWarning(RuntimeWarning):
+    """A ridge system was not positive definite; a least-squares fallback was used."""
+
+
+@dataclass(frozen=True)
+class Regularization:
+    """A ridge coefficient, absolute or relative to the Gram's mean eigenvalue.
+
+    Parameters
+    ----------
+    value : float
+        ``ρ`` (relative rule) or ``γ`` itself (absolute rule); must be >= 0.
+    rule : {"relative", "absolute"}
+        ``relative``: ``γ = ρ · trace(G) / D`` (scale-free: the same ρ works for raw pixels and for
+        features of any magnitude); ``absolute``: ``γ = value``.
+
+    """
+
+    value: float
+    rule: str = "relative"
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"regularization rule must be one of {RULES}, got {self.rule!r}")
+        if not np.isfinite(self.value) or self.value < 0:
+            raise ValueError(f"regularization value must be a finite number >= 0, got {self.value}")
+
+    def amount(self, gram: np.ndarray) -> float:
+        """The ridge ``γ`` to add to ``gram``'s diagonal."""
+        if self.rule == "absolute":
+            return float(self.value)
+        return float(self.value * np.trace(gram) / gram.shape[0])
+
+
+def _solve_spd(matrix: np.ndarray, rhs: np.ndarray, what: str) -> np.ndarray:
+    try:
+        factor = scipy.linalg.cho_factor(matrix, lower=False, check_finite=True)
+        solution = scipy.linalg.cho_solve(factor, rhs, check_finite=False)
+        if np.all(np.isfinite(solution)):
+            return solution
+        reason = "non-finite Cholesky solution"
+    except np.linalg.LinAlgError as exc:
+        reason = str(exc)
+    warnings.warn(
+        f"{what}: Cholesky failed ({reason}); using the least-squares solution. Increase the "
+        "regularization for a better-conditioned system.",
+        IllConditionedWarning,
+        stacklevel=3,
+    )
+    solution = scipy.linalg.lstsq(matrix, rhs, check_finite=True, lapack_driver="gelsd")[0]
+    return np.nan_to_num(solution, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def ridge_solve(gram: np.ndarray, cross: np.ndarray, reg: Regularization) -> np.ndarray:
+    """``W = (G + γI)⁻¹ B`` with ``γ = reg.amount(G)``.
+
+    Parameters
+    ----------
+    gram : numpy.ndarray
+        Summed ``G`` (D x D).
+    cross : numpy.ndarray
+        Summed ``B`` (D x m).
+    reg : Regularization
+        The ridge rule.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``W`` (D x m), float64.
+
+    """
+    gamma = reg.amount(gram)
+    system = gram + gamma * np.eye(gram.shape[0])
+    return _solve_spd(system, cross, "ridge solve")
+
+
+def personalized_solve(
+    gram: np.ndarray, cross: np.ndarray, w_global: np.ndarray, reg: Regularization
+) -> np.ndarray:
+    """pFedACnnL: ``W_k = (G_k + λI)⁻¹(B_k + λ W_global)``, computed as a correction of ``W_global``.
+
+    ``W_k = W_global + (G_k + λI)⁻¹(B_k − G_k W_global)`` (the same matrix, better conditioned in
+    floating point when ``W_k`` is close to ``W_global``).
+    """
+    lam = reg.amount(gram)
+    if lam <= 0:
+        raise ValueError(
+            "personalization needs λ > 0 (λ = 0 is the local ridge model: use ridge_solve)"
+        )
+    system = gram + lam * np.eye(gram.shape[0])
+    return w_global + _solve_spd(system, cross - gram @ w_global, "personalized solve")

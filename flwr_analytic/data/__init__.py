@@ -1,0 +1,41 @@
+"""Data loaders and federated partitioning (no Flower imports)."""
+
+from flwr_analytic.data.dataset import ArrayDataset
+from flwr_analytic.data.loaders import (
+    DATASETS,
+    DatasetNotFoundError,
+    from_hf_dataset,
+    load_cifar10,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_hub,
+    load_mnist,
+)
+from flwr_analytic.data.partition import (
+    PARTITIONERS,
+    FederatedSplit,
+    federated_split,
+    partition_indices,
+    precomputed_split,
+    train_test_indices,
+)
+
+__all__ = [
+    "ArrayDataset",
+    "DATASETS",
+    "DatasetNotFoundError",
+    "FederatedSplit",
+    "PARTITIONERS",
+    "federated_split",
+    "from_hf_dataset",
+    "load_cifar10",
+    "load_dataset",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_hub",
+    "load_mnist",
+    "partition_indices",
+    "precomputed_split",
+    "train_test_indices",
+]

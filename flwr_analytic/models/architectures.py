@@ -1,0 +1,256 @@
+"""Layer-by-layer architecture specs shared by analytic training and backprop training.
+
+An :class:`Architecture` is a stack of hidden :class:`ConvSpec` / :class:`DenseSpec` layers followed by a
+linear output layer onto the classes. The same spec builds a plain :class:`torch.nn.Module`
+(:func:`build_module`), so an analytically trained network exports to a model that runs anywhere, and
+backprop can train the identical network for reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """``Conv2d(C_in, out_channels, kernel_size, padding)`` → activation → ``pool``×``pool`` pooling."""
+
+    out_channels: int
+    kernel_size: int
+    padding: int = 0
+    activation: str = "relu"
+    pool: int = 2
+    pool_type: str = "max"
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """``Linear(in, out_features)`` → activation (input flattened first)."""
+
+    out_features: int
+    activation: str = "relu"
+
+
+LayerSpec = ConvSpec | DenseSpec
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Hidden layers plus a linear output layer onto ``num_classes``.
+
+    Attributes
+    ----------
+    name : str
+        Name of the architecture.
+    input_shape : tuple[int, int, int]
+        ``(C, H, W)`` of one sample.
+    hidden : tuple[LayerSpec, ...]
+        Hidden layers in order (conv layers must come before dense ones).
+    num_classes : int
+        Width of the output layer.
+
+    """
+
+    name: str
+    input_shape: tuple[int, int, int]
+    hidden: tuple[LayerSpec, ...]
+    num_classes: int
+    shapes: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        shapes: list[tuple[int, ...]] = [tuple(self.input_shape)]
+        seen_dense = False
+        for i, spec in enumerate(self.hidden):
+            if spec.activation not in ACTIVATIONS:
+                raise ValueError(f"layer {i}: activation {spec.activation!r} not in {ACTIVATIONS}")
+            cur = shapes[-1]
+            if isinstance(spec, ConvSpec):
+                if seen_dense:
+                    raise ValueError(f"layer {i}: conv layers must precede dense layers")
+                if spec.pool_type not in ("max", "avg"):
+                    raise ValueError(f"layer {i}: pool_type must be 'max' or 'avg'")
+                c, h, w = cur
+                h = (h + 2 * spec.padding - spec.kernel_size + 1) // spec.pool
+                w = (w + 2 * spec.padding - spec.kernel_size + 1) // spec.pool
+                if h < 1 or w < 1:
+                    raise ValueError(
+                        f"{self.name}: layer {i} (kernel {spec.kernel_size}, pool {spec.pool}) does "
+                        f"not fit its {cur[1]}x{cur[2]} input"
+                    )
+                shapes.append((spec.out_channels, h, w))
+            else:
+                seen_dense = True
+                shapes.append((spec.out_features,))
+        shapes.append((self.num_classes,))
+        object.__setattr__(self, "shapes", tuple(shapes))
+
+    @property
+    def num_layers(self) -> int:
+        """Trainable layers, output included."""
+        return len(self.hidden) + 1
+
+    def spec(self, layer: int) -> LayerSpec:
+        """Spec of ``layer``; the output layer is a linear :class:`DenseSpec`."""
+        if layer == len(self.hidden):
+            return DenseSpec(self.num_classes, activation="identity")
+        return self.hidden[layer]
+
+    def input_shape_of(self, layer: int) -> tuple[int, ...]:
+        """Shape of one sample's input to ``layer`` (before flattening)."""
+        return self.shapes[layer]
+
+    def design_dim(self, layer: int) -> int:
+        """Design width ``D`` of ``layer``: ``C_in·k² + 1`` (conv) or ``in_features + 1`` (dense)."""
+        spec, shape = self.spec(layer), self.shapes[layer]
+        if isinstance(spec, ConvSpec):
+            return shape[0] * spec.kernel_size**2 + 1
+        n = 1
+        for s in shape:
+            n *= s
+        return n + 1
+
+    def out_width(self, layer: int) -> int:
+        """Output channels / features of ``layer``."""
+        spec = self.spec(layer)
+        return spec.out_channels if isinstance(spec, ConvSpec) else spec.out_features
+
+
+def activation_module(name: str) -> nn.Module:
+    """The ``torch.nn`` module of an activation name."""
+    return {
+        "relu": nn.ReLU(),
+        "tanh": nn.Tanh(),
+        "sigmoid": nn.Sigmoid(),
+        "identity": nn.Identity(),
+    }[name]
+
+
+class LayerBlock(nn.Module):
+    """One layer: ``op`` (``Conv2d`` or ``Linear``), activation, optional pooling."""
+
+    def __init__(self, op: nn.Module, activation: str, pool: nn.Module | None, flatten: bool):
+        super().__init__()
+        self.op = op
+        self.act = activation_module(activation)
+        self.pool = pool if pool is not None else nn.Identity()
+        self.flatten = flatten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.flatten:
+            x = torch.flatten(x, 1)
+        return self.pool(self.act(self.op(x)))
+
+
+class SpecNet(nn.Module):
+    """A plain ``torch.nn.Module`` of an :class:`Architecture` (``blocks[l].op`` holds layer l)."""
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        self.arch = arch
+        blocks = []
+        for layer in range(arch.num_layers):
+            spec, shape = arch.spec(layer), arch.input_shape_of(layer)
+            if isinstance(spec, ConvSpec):
+                op: nn.Module = nn.Conv2d(
+                    shape[0], spec.out_channels, spec.kernel_size, padding=spec.padding
+                )
+                pool: nn.Module | None = None
+                if spec.pool > 1:
+                    pool = (
+                        nn.MaxPool2d(spec.pool)
+                        if spec.pool_type == "max"
+                        else nn.AvgPool2d(spec.pool)
+                    )
+                blocks.append(LayerBlock(op, spec.activation, pool, flatten=False))
+            else:
+                op = nn.Linear(arch.design_dim(layer) - 1, spec.out_features)
+                blocks.append(LayerBlock(op, spec.activation, None, flatten=len(shape) > 1))
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """Logits, or the input of layer ``upto`` when given."""
+        for block in self.blocks[: upto if upto is not None else len(self.blocks)]:
+            x = block(x)
+        return x
+
+
+def build_module(arch: Architecture) -> SpecNet:
+    """A fresh (randomly initialized) torch module for ``arch``."""
+    return SpecNet(arch)
+
+
+def linear(input_shape: tuple[int, int, int], num_classes: int = 10) -> Architecture:
+    """One linear layer on the pixels (the analytic baseline)."""
+    return Architecture("linear", tuple(input_shape), (), num_classes)
+
+
+def mlp(
+    input_shape: tuple[int, int, int], num_classes: int = 10, hidden: int | None = None
+) -> Architecture:
+    """One hidden ReLU layer of width ``hidden``.
+
+    The default width ``min(1024, 2 · input pixels)`` is the most that PCA filter pairs can fill.
+    """
+    if hidden is None:
+        hidden = min(1024, 2 * input_shape[0] * input_shape[1] * input_shape[2])
+    return Architecture("mlp", tuple(input_shape), (DenseSpec(hidden),), num_classes)
+
+
+def lenet5(input_shape: tuple[int, int, int], num_classes: int = 10) -> Architecture:
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling: conv 6 → conv 16 → 120 → 84 → classes.
+
+    The first conv is padded so 28x28 inputs follow the classic 32x32 layout; inputs smaller than
+    16 pixels use 3x3 kernels.
+    """
+    k, p = (5, 2) if input_shape[1] >= 16 else (3, 1)
+    hidden = (
+        ConvSpec(6, k, padding=p),
+        ConvSpec(16, k, padding=0 if k == 5 else 1),
+        DenseSpec(120),
+        DenseSpec(84),
+    )
+    return Architecture("lenet5", tuple(input_shape), hidden, num_classes)
+
+
+def cnn(
+    input_shape: tuple[int, int, int],
+    num_classes: int = 10,
+    channels: tuple[int, ...] | None = None,
+    dense: tuple[int, ...] = (),
+) -> Architecture:
+    """A wider conv net: conv layers of ``channels`` (ReLU, 2x2 max-pool each), dense, output.
+
+    Conv ``channels[0]`` → conv ``channels[1]`` (→ ...), then optional hidden ReLU dense layers of
+    widths ``dense``, then the linear output.
+
+    28x28 inputs: 5x5 kernels, first conv padded (28 → 14 → 5x5 maps, the head sees 64·25 + 1 = 1601
+    inputs); inputs smaller than 16 pixels: 3x3 padded kernels, default channels (16, 64).
+    """
+    small = input_shape[1] < 16
+    if channels is None:
+        channels = (16, 64) if small else (32, 64)
+    hidden = []
+    for i, c in enumerate(channels):
+        if small:
+            hidden.append(ConvSpec(c, 3, padding=1))
+        else:
+            hidden.append(ConvSpec(c, 5, padding=2 if i == 0 else 0))
+    hidden.extend(DenseSpec(width) for width in dense)
+    return Architecture("cnn", tuple(input_shape), tuple(hidden), num_classes)
+
+
+ARCHITECTURES = {"linear": linear, "mlp": mlp, "lenet5": lenet5, "cnn": cnn}
+
+
+def get_architecture(
+    name: str, input_shape: tuple[int, int, int], num_classes: int = 10, **kwargs
+) -> Architecture:
+    """Build a ready-made architecture by name (one of :data:`ARCHITECTURES`)."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name](tuple(input_shape), num_classes, **kwargs)

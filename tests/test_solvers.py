@@ -1,0 +1,71 @@
+import warnings
+
+import numpy as np
+import pytest
+
+from flwr_analytic.analytic import (
+    IllConditionedWarning,
+    Regularization,
+    personalized_solve,
+    ridge_solve,
+)
+
+
+def _problem(rng, n=50, d=6, m=3):
+    a = np.hstack([rng.standard_normal((n, d - 1)), np.ones((n, 1))])
+    t = rng.standard_normal((n, m))
+    return a, t
+
+
+def test_ridge_matches_normal_equations():
+    rng = np.random.default_rng(0)
+    a, t = _problem(rng)
+    g, b = a.T @ a, a.T @ t
+    w = ridge_solve(g, b, Regularization(0.3, "absolute"))
+    np.testing.assert_allclose((g + 0.3 * np.eye(6)) @ w, b, atol=1e-10)
+
+
+def test_relative_rule_scales_with_trace():
+    g = np.diag([2.0, 4.0, 6.0])
+    assert Regularization(0.5).amount(g) == pytest.approx(0.5 * 12 / 3)
+    assert Regularization(0.5, "absolute").amount(g) == 0.5
+    with pytest.raises(ValueError, match="rule"):
+        Regularization(1.0, "weird")
+    with pytest.raises(ValueError, match=">= 0"):
+        Regularization(-1.0)
+
+
+def test_singular_gram_falls_back_with_warning_and_stays_finite():
+    rng = np.random.default_rng(1)
+    a, t = _problem(rng)
+    a = np.hstack([a, a[:, :1]])  # duplicate feature: singular Gram
+    with pytest.warns(IllConditionedWarning, match="Cholesky failed"):
+        w = ridge_solve(a.T @ a, a.T @ t, Regularization(0.0))
+    assert np.all(np.isfinite(w))
+    # the fallback is still a least-squares solution
+    np.testing.assert_allclose(a.T @ a @ w, a.T @ t, atol=1e-8)
+
+
+def test_well_posed_solve_issues_no_warning():
+    rng = np.random.default_rng(2)
+    a, t = _problem(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ridge_solve(a.T @ a, a.T @ t, Regularization(1e-3))
+
+
+def test_personalized_solve_is_the_regularized_minimizer_and_interpolates():
+    rng = np.random.default_rng(3)
+    a, t = _problem(rng)
+    g, b = a.T @ a, a.T @ t
+    w_glob = rng.standard_normal((6, 3))
+    lam = 2.5
+    w_k = personalized_solve(g, b, w_glob, Regularization(lam, "absolute"))
+    # normal equations of ||T − AW||² + λ||W − W_glob||²
+    np.testing.assert_allclose((g + lam * np.eye(6)) @ w_k, b + lam * w_glob, atol=1e-9)
+    far = personalized_solve(g, b, w_glob, Regularization(1e12, "absolute"))
+    np.testing.assert_allclose(far, w_glob, atol=1e-8)
+    near = personalized_solve(g, b, w_glob, Regularization(1e-10, "absolute"))
+    np.testing.assert_allclose(near, np.linalg.lstsq(a, t, rcond=None)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="λ > 0"):
+        personalized_solve(g, b, w_glob, Regularization(0.0))
