@@ -77,5 +77,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point ``flwr-analytic-demo`` (exit status 0 on success)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,1 @@
+"""Flower app of FedACnnL / pFedACnnL (wires flwr_analytic code only)."""

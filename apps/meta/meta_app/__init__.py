@@ -1,0 +1,1 @@
+"""Flower app of ν-step meta federated learning (wires flwr_analytic code only)."""

@@ -1,0 +1,21 @@
+"""Flower Message-API client logic of flwr-analytic."""
+
+from flwr_analytic.clients.fedacnnl_client import make_fedacnnl_client_app
+from flwr_analytic.clients.fedacnnl_legacy import FedACnnLNumPyClient
+from flwr_analytic.clients.meta_client import (
+    handle_evaluate,
+    handle_train,
+    local_evaluate,
+    local_train,
+    make_meta_client_app,
+)
+
+__all__ = [
+    "FedACnnLNumPyClient",
+    "handle_evaluate",
+    "handle_train",
+    "local_evaluate",
+    "local_train",
+    "make_meta_client_app",
+    "make_fedacnnl_client_app",
+]

@@ -1,0 +1,328 @@
+"""FedACnnL / pFedACnnL client: a Flower ``ClientApp`` on the Message API.
+
+Gu et al., "Analytic Personalized Federated Meta-Learning" (arXiv 2502.06915). In the training round
+of layer ``l`` the client forwards its data through the received global layers ``< l`` and returns
+the layer's sufficient statistics ``(G_k, B_k, n_k)``; it keeps its own statistics of the layers it
+personalizes in ``context.state``. In the evaluation round it scores the global model and its
+pFedACnnL model ``W_k = (G_k + λI)⁻¹(B_k + λW)``, solved in closed form from those kept statistics
+(no extra communication). The maths is in :mod:`flwr_analytic.analytic`; this module adapts it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flwr_analytic.analytic import AnalyticNetwork, LayerStatistics, personalize
+from flwr_analytic.data import ArrayDataset
+from flwr_analytic.fedacnnl import protocol as P
+from flwr_analytic.fedacnnl.config import load_partition_from_config
+
+#: ``load_partition(context) -> (train, test)``.
+PartitionLoader = Callable[[Context], tuple[ArrayDataset, ArrayDataset]]
+
+_STATE_STATS = "fedacnnl-stats-{}"
+_STATE_DIGEST = "fedacnnl-digest-{}"
+_CACHE: dict[tuple[Any, ...], tuple[ArrayDataset, ArrayDataset]] = {}
+_CACHE_SIZE = 64
+
+
+# ------------------------------------------------------------------------------ pure functions
+def _check_data(net: AnalyticNetwork, data: ArrayDataset) -> None:
+    if tuple(data.input_shape) != tuple(net.arch.input_shape):
+        raise ValueError(
+            f"data samples have shape {data.input_shape}, the model expects {net.arch.input_shape}"
+        )
+    if len(data) and int(data.y.max()) >= net.arch.num_classes:
+        raise ValueError(f"labels exceed the model's {net.arch.num_classes} classes")
+
+
+def layer_statistics(
+    config: Mapping[str, Any], arrays: Mapping[str, np.ndarray], train: ArrayDataset
+) -> tuple[AnalyticNetwork, LayerStatistics]:
+    """Client half of one FedACnnL round: ``(G_k, B_k, n_k)`` of ``config["layer"]``.
+
+    Parameters
+    ----------
+    config : mapping
+        The strategy's train config (see :mod:`flwr_analytic.fedacnnl.protocol`).
+    arrays : mapping of str to numpy.ndarray
+        The global layers ``< layer`` as ``state_dict`` arrays.
+    train : ArrayDataset
+        The client's training data.
+
+    Returns
+    -------
+    (AnalyticNetwork, LayerStatistics)
+        The client's network (layers ``< layer`` installed) and the layer's statistics.
+
+    """
+    net = P.network_from_config(config)
+    layer = int(config[P.LAYER])
+    if not 0 <= layer < net.num_layers:
+        raise ValueError(f"layer {layer} out of range 0..{net.num_layers - 1}")
+    _check_data(net, train)
+    P.install_layers(net, arrays, upto=layer)
+    stats = net.statistics(layer, train.x, train.y, int(config[P.BATCH_SIZE]))
+    return net, stats
+
+
+def evaluate_global_and_personal(
+    config: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    train: ArrayDataset,
+    test: ArrayDataset,
+    kept: Mapping[int, tuple[str, LayerStatistics]] | None = None,
+    group_arrays: Mapping[str, np.ndarray] | None = None,
+) -> tuple[dict[str, float], dict[int, tuple[str, LayerStatistics]]]:
+    """Accuracy and loss of the global model and of the client's pFedACnnL model on ``test``.
+
+    The personalized layers use the statistics the client kept from training when they were
+    computed with the same global layers below (matching fingerprint); otherwise (e.g. the client
+    was not sampled in that round) they are recomputed from ``train``. With ``group_arrays`` (the
+    output layer of the client's group, group-wise runs) the group model and its personalization
+    are scored too (``group-*``, ``group-personal-*``).
+
+    Returns
+    -------
+    (metrics, statistics)
+        ``global-*`` / ``personal-*`` accuracy, loss and correct counts, ``num-examples`` (test
+        size), ``stats-reused``; and the statistics used per layer (to keep).
+
+    """
+    net = P.network_from_config(config)
+    _check_data(net, test)
+    if P.install_layers(net, arrays) != net.num_layers:
+        raise KeyError("the evaluation message does not carry every layer of the model")
+    reg = P.personal_regularization(config)
+    which = str(config[P.PERSONALIZE_LAYERS])
+    per_layer: list[LayerStatistics | None] = [None] * net.num_layers
+    used: dict[int, tuple[str, LayerStatistics]] = {}
+    reused = 0
+    for layer in P.personalized_layers(net, which):
+        digest = P.weights_digest(net, layer)
+        if kept and layer in kept and kept[layer][0] == digest:
+            stats = kept[layer][1]
+            reused += 1
+        else:
+            stats = net.statistics(layer, train.x, train.y, int(config[P.BATCH_SIZE]))
+        per_layer[layer] = stats
+        used[layer] = (digest, stats)
+    metrics: dict[str, float] = {P.NUM_EXAMPLES: len(test), "train-examples": len(train)}
+    if len(test) == 0:
+        prefixes = ["global", "personal"] + (["group", "group-personal"] if group_arrays else [])
+        for prefix in prefixes:
+            metrics.update(
+                {f"{prefix}-accuracy": 0.0, f"{prefix}-loss": 0.0, f"{prefix}-correct": 0}
+            )
+    else:
+        models = [
+            ("global", net),
+            ("personal", net.with_weights(personalize(net, per_layer, reg, which))),
+        ]
+        if group_arrays:
+            group = net.with_weights(net.weights)  # type: ignore[arg-type]
+            last = net.num_layers - 1
+            P.install_layers(group, {**_state_of(net), **dict(group_arrays)}, upto=last + 1)
+            models.append(("group", group))
+            models.append(
+                ("group-personal", group.with_weights(personalize(group, per_layer, reg, which)))
+            )
+        for prefix, model in models:
+            res = model.evaluate(test.x, test.y)
+            metrics[f"{prefix}-accuracy"] = float(res["accuracy"])
+            metrics[f"{prefix}-loss"] = float(res["loss"])
+            metrics[f"{prefix}-correct"] = int(res["correct"])
+    metrics["stats-reused"] = reused
+    return metrics, used
+
+
+def _state_of(net: AnalyticNetwork) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in P.weights_state_dict(net).items()}
+
+
+# ---------------------------------------------------------------------------- message handlers
+def _partition(context: Context, load_partition: PartitionLoader, cache: bool):
+    if not cache:
+        return load_partition(context)
+    key = (
+        id(load_partition),
+        context.run_id,
+        tuple(sorted((k, repr(v)) for k, v in context.run_config.items())),
+        tuple(sorted((k, repr(v)) for k, v in context.node_config.items())),
+    )
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = load_partition(context)
+    return _CACHE[key]
+
+
+def _set_threads(context: Context) -> None:
+    threads = int(context.run_config.get("client-threads", 1) or 0)
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config.get("partition-id", -1))
+
+
+def _kept(context: Context) -> dict[int, tuple[str, LayerStatistics]]:
+    out = {}
+    for name in list(context.state.config_records.keys()):
+        if not name.startswith(_STATE_DIGEST.format("")):
+            continue
+        layer = int(name.rsplit("-", 1)[1])
+        stats_name = _STATE_STATS.format(layer)
+        if stats_name in context.state.array_records:
+            packed = _numpy(context.state.array_records[stats_name])
+            out[layer] = (
+                str(context.state.config_records[name]["digest"]),
+                LayerStatistics.unpack(packed),
+            )
+    return out
+
+
+def _keep(context: Context, layer: int, digest: str, stats: LayerStatistics) -> None:
+    context.state[_STATE_STATS.format(layer)] = _array_record(stats.pack())
+    context.state[_STATE_DIGEST.format(layer)] = ConfigRecord({"digest": digest})
+
+
+def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def handle_train(
+    msg: Message, context: Context, load_partition: PartitionLoader, cache: bool = True
+) -> Message:
+    """Reply to a FedACnnL training message with the requested layer's packed statistics.
+
+    The reply holds ``ArrayRecord`` ``"statistics"`` (``gram-triu``, ``cross``, ``count``) and
+    ``MetricRecord`` ``"metrics"`` (``num-examples``, ``partition-id``, ``layer``, ``compute-time``).
+    Statistics of a personalized layer are also kept in ``context.state``.
+    """
+    start = time.perf_counter()
+    _set_threads(context)
+    config = (
+        msg.content[P.CONFIG_KEY]
+        if P.CONFIG_KEY in msg.content
+        else next(iter(msg.content.config_records.values()))
+    )
+    arrays = (
+        msg.content[P.ARRAYS_KEY]
+        if P.ARRAYS_KEY in msg.content.array_records
+        else next(iter(msg.content.array_records.values()), ArrayRecord())
+    )
+    train, _ = _partition(context, load_partition, cache)
+    net, stats = layer_statistics(config, _numpy(arrays), train)
+    layer = int(config[P.LAYER])
+    if layer in P.personalized_layers(net, str(config.get(P.PERSONALIZE_LAYERS, "last"))):
+        _keep(context, layer, P.weights_digest(net, layer), stats)
+    metrics = MetricRecord(
+        {
+            P.NUM_EXAMPLES: int(stats.count),
+            P.PARTITION_ID: _partition_id(context),
+            P.LAYER: layer,
+            "compute-time": time.perf_counter() - start,
+        }
+    )
+    content = RecordDict({P.STATISTICS_KEY: _array_record(stats.pack()), P.METRICS_KEY: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def handle_evaluate(
+    msg: Message, context: Context, load_partition: PartitionLoader, cache: bool = True
+) -> Message:
+    """Reply to an evaluation message with global and pFedACnnL metrics on the local test set."""
+    start = time.perf_counter()
+    _set_threads(context)
+    config = (
+        msg.content[P.CONFIG_KEY]
+        if P.CONFIG_KEY in msg.content
+        else next(iter(msg.content.config_records.values()))
+    )
+    arrays = (
+        msg.content[P.ARRAYS_KEY]
+        if P.ARRAYS_KEY in msg.content.array_records
+        else next(iter(msg.content.array_records.values()))
+    )
+    train, test = _partition(context, load_partition, cache)
+    group = msg.content.array_records.get(P.GROUP_ARRAYS_KEY)
+    metrics, used = evaluate_global_and_personal(
+        config, _numpy(arrays), train, test, _kept(context), _numpy(group) if group else None
+    )
+    for layer, (digest, stats) in used.items():
+        _keep(context, layer, digest, stats)
+    metrics[P.PARTITION_ID] = _partition_id(context)
+    metrics["compute-time"] = time.perf_counter() - start
+    return Message(content=RecordDict({P.METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+
+
+def _with_run_config(context: Context, overrides: Mapping[str, Any]) -> Context:
+    """Return ``context`` with run-config overrides (Flower forbids editing ``run_config``).
+
+    The copy shares the ``state`` object, so what the handlers keep there persists.
+    """
+    if not overrides:
+        return context
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config={**dict(context.run_config), **dict(overrides)},
+    )
+
+
+def make_fedacnnl_client_app(
+    load_partition: PartitionLoader | None = None,
+    *,
+    cache: bool = True,
+    run_config: Mapping[str, Any] | None = None,
+) -> ClientApp:
+    """A FedACnnL / pFedACnnL :class:`~flwr.clientapp.ClientApp`.
+
+    Parameters
+    ----------
+    load_partition : callable, optional
+        ``load_partition(context) -> (train, test)`` :class:`~flwr_analytic.data.ArrayDataset`
+        of this node (your own data loader). Defaults to
+        :func:`~flwr_analytic.fedacnnl.load_partition_from_config` (run config + node config).
+    cache : bool (default: True)
+        Keep loaded partitions in memory between rounds (keyed by run and node config).
+    run_config : mapping, optional
+        Run-config entries that override the node's (e.g. under ``run_simulation``, whose run
+        config is empty).
+
+    Returns
+    -------
+    ClientApp
+        With ``@app.train()`` (layer statistics) and ``@app.evaluate()`` (global and personalized
+        accuracy/loss) handlers.
+
+    """
+    loader = load_partition or load_partition_from_config
+    app = ClientApp()
+
+    overrides = dict(run_config or {})
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, _with_run_config(context, overrides), loader, cache)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, _with_run_config(context, overrides), loader, cache)
+
+    return app

@@ -1,0 +1,160 @@
+"""Server side of the FedACnnL app: build the strategy from the run config, run it, save results.
+
+``apps/fedacnnl/fedacnnl_app/server_app.py`` only calls :func:`make_fedacnnl_server_app`
+(Gu et al., arXiv 2502.06915).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
+
+from flwr_analytic.fedacnnl.config import (
+    architecture_for,
+    load_cached_dataset,
+    resolve_run_config,
+    split_from_config,
+)
+from flwr_analytic.models import build_module
+from flwr_analytic.strategies.fedacnnl import FedACnnL, _jsonable
+
+
+def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
+    """A :class:`FedACnnL` configured by the (resolved) run config."""
+    cfg = resolve_run_config(cfg)
+    min_nodes = int(cfg["min-nodes"])
+    return FedACnnL(
+        architecture_for(cfg),
+        str(cfg["scheme"]),
+        gamma=float(cfg["gamma"]),
+        hidden_gamma=float(cfg["hidden-gamma"]),
+        gamma_rule=str(cfg["gamma-rule"]),
+        lam=float(cfg["lam"]),
+        lam_rule=str(cfg["lam-rule"]),
+        personalize_layers=str(cfg["personalize-layers"]),
+        seed=int(cfg["seed"]),
+        dtype=str(cfg["dtype"]),
+        batch_size=int(cfg["batch-size"]),
+        fraction_train=float(cfg["fraction-train"]),
+        fraction_evaluate=float(cfg["fraction-evaluate"]),
+        min_train_nodes=min_nodes,
+        min_evaluate_nodes=min_nodes,
+        min_available_nodes=min_nodes,
+        num_groups=int(cfg["num-groups"]),
+    )
+
+
+def arrays_digest(arrays: ArrayRecord) -> str:
+    """SHA-256 of the model tensors (key order), to compare runs bit for bit."""
+    h = hashlib.sha256()
+    for key in sorted(arrays.keys()):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(arrays[key].numpy()).tobytes())
+    return h.hexdigest()
+
+
+def pooled_test_evaluation(cfg: Mapping[str, Any], num_partitions: int):
+    """``evaluate_fn`` scoring the global model on the pooled client test sets (server-side data)."""
+    cfg = resolve_run_config(cfg)
+    arch = architecture_for(cfg)
+    split = split_from_config(cfg, num_partitions)
+    data_split = "all" if cfg["partitioner"] == "precomputed" else str(cfg["data-split"])
+    data = load_cached_dataset(str(cfg["dataset"]), str(cfg["data-path"]), data_split)
+    index = np.concatenate(split.test)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        module = build_module(arch).double().eval()
+        module.load_state_dict(arrays.to_torch_state_dict())
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, len(index), 2048):
+                rows = index[start : start + 2048]
+                pred = module(torch.as_tensor(data.x[rows], dtype=torch.float64)).argmax(1)
+                correct += int((pred.numpy() == data.y[rows]).sum())
+        return MetricRecord({"accuracy": correct / max(1, len(index)), "num-examples": len(index)})
+
+    return evaluate_fn
+
+
+def run_fedacnnl(
+    grid: Grid, run_config: Mapping[str, Any] | None = None
+) -> tuple[Result, dict[str, Any]]:
+    """Run FedACnnL + pFedACnnL on ``grid`` as the run config says; write ``results-path``.
+
+    Returns
+    -------
+    (Result, summary)
+        Flower's result and the JSON-able summary: run config, architecture, per-round history
+        (layer, clients, bytes sent/received, wall time), the aggregated evaluation (global and
+        personalized accuracy/loss: weighted, client mean/std/min/p10, per client), totals and the
+        SHA-256 of the final model.
+
+    """
+    cfg = resolve_run_config(run_config)
+    random.seed(int(cfg["seed"]))  # Flower samples nodes with the global `random`
+    strategy = build_fedacnnl_strategy(cfg)
+    evaluate_fn = None
+    if cfg["centralized-eval"]:
+        evaluate_fn = pooled_test_evaluation(cfg, len(list(grid.get_node_ids())))
+    t0 = time.perf_counter()
+    result = strategy.start(
+        grid,
+        num_rounds=int(cfg["num-server-rounds"]) or None,
+        timeout=float(cfg["round-timeout"]),
+        evaluate_fn=evaluate_fn,
+    )
+    wall = time.perf_counter() - t0
+    history = strategy.history_records()
+    final = max(result.evaluate_metrics_clientapp, default=None)
+    evaluation = dict(result.evaluate_metrics_clientapp[final]) if final else {}
+    central = result.evaluate_metrics_serverapp.get(final) if final else None
+    summary = {
+        "run-config": cfg,
+        "architecture": strategy.architecture.name,
+        "layers": strategy.architecture.num_layers,
+        "num-nodes": len(list(grid.get_node_ids())),
+        "rounds": history,
+        "evaluate": evaluation,
+        "centralized-evaluate": dict(central) if central else None,
+        "global-accuracy": evaluation.get("global-accuracy"),
+        "personal-accuracy": evaluation.get("personal-accuracy"),
+        "wall-time": wall,
+        "bytes-sent": int(sum(e.get("bytes-sent", 0) for e in history)),
+        "bytes-received": int(sum(e.get("bytes-received", 0) for e in history)),
+        "model-sha256": arrays_digest(result.arrays),
+    }
+    summary = _jsonable(summary)
+    if cfg["results-path"]:
+        path = Path(str(cfg["results-path"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2))
+    if cfg["model-path"]:
+        path = Path(str(cfg["model-path"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(result.arrays.to_torch_state_dict(), path)
+    return result, summary
+
+
+def make_fedacnnl_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A :class:`~flwr.serverapp.ServerApp` running :func:`run_fedacnnl` with the run config.
+
+    ``overrides`` replace run-config keys (e.g. under ``run_simulation``, whose run config is empty).
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_fedacnnl(grid, {**dict(context.run_config), **dict(overrides or {})})
+
+    return app

@@ -1,0 +1,126 @@
+"""One factory for the ν-step meta strategy and its peers, driven by the app's run config.
+
+``algorithm`` selects the strategy; the client code path is the same for all of them
+(:mod:`flwr_analytic.clients.meta_client` dispatches on the ``"local-algorithm"`` config key):
+
+========================  ==========================================================  ===========
+algorithm                 strategy                                                    local update
+========================  ==========================================================  ===========
+``meta``                  :class:`NuStepMetaFedAvg` (``nu``, ``mode``)                ν-step meta
+``per-fedavg-fo`` / -hf   :class:`NuStepMetaFedAvg` (ν = 1, first-order / hessian-free)  meta
+``fedavg``                Flower ``FedAvg``, evaluated without fine-tuning            SGD
+``fedavg-ft``             Flower ``FedAvg``, evaluated after ``finetune-steps``       SGD
+``fedprox``               Flower ``FedProx`` (``proximal-mu``)                         SGD + prox
+``pfedme``                :class:`PFedMe`                                              pFedMe
+========================  ==========================================================  ===========
+
+SGD-based peers use ``beta`` as their local rate (ν = 0 meta is then the same algorithm as FedAvg).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ConfigRecord
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+
+from flwr_analytic.meta.config import local_steps_for, resolve_run_config
+from flwr_analytic.strategies.history import RoundHistoryMixin, personalized_metrics_aggregation
+from flwr_analytic.strategies.nu_step_meta import NuStepMetaFedAvg
+from flwr_analytic.strategies.pfedme import PFedMe
+
+
+class MeteredFedAvg(RoundHistoryMixin, FedAvg):
+    """Flower's :class:`~flwr.serverapp.strategy.FedAvg` with a per-round history."""
+
+
+class MeteredFedProx(RoundHistoryMixin, FedProx):
+    """Flower's :class:`~flwr.serverapp.strategy.FedProx` with a per-round history."""
+
+
+def build_meta_strategy(
+    run_config: Mapping[str, Any] | None = None,
+) -> tuple[Strategy, ConfigRecord, ConfigRecord]:
+    """Strategy plus the extra train / evaluate configs for ``run_config["algorithm"]``.
+
+    Parameters
+    ----------
+    run_config : mapping, optional
+        Keys of :data:`flwr_analytic.meta.config.DEFAULT_RUN_CONFIG` to override.
+
+    Returns
+    -------
+    (strategy, train_config, evaluate_config)
+        Pass the configs to ``strategy.start(train_config=..., evaluate_config=...)``.
+
+    """
+    cfg = resolve_run_config(run_config)
+    algo = cfg["algorithm"]
+    steps = local_steps_for(algo, cfg)
+    bsz = int(cfg["batch-size"])
+    ft_steps = 0 if algo == "fedavg" else int(cfg["finetune-steps"])
+    common: dict[str, Any] = {
+        "fraction_train": float(cfg["fraction-train"]),
+        "fraction_evaluate": float(cfg["fraction-evaluate"]),
+        "min_train_nodes": int(cfg["min-nodes"]),
+        "min_evaluate_nodes": int(cfg["min-nodes"]),
+        "min_available_nodes": int(cfg["min-nodes"]),
+        "evaluate_metrics_aggr_fn": personalized_metrics_aggregation,
+    }
+    evaluate_config = ConfigRecord(
+        {
+            "finetune-steps": ft_steps,
+            "finetune-lr": float(cfg["alpha"]),
+            "finetune-batch-size": int(cfg["finetune-batch-size"]),
+        }
+    )
+    train_config = ConfigRecord()
+    strategy: Strategy
+    if algo in ("meta", "per-fedavg-fo", "per-fedavg-hf"):
+        nu, mode = int(cfg["nu"]), str(cfg["mode"])
+        if algo != "meta":
+            nu, mode = 1, ("first-order" if algo == "per-fedavg-fo" else "hessian-free")
+        strategy = NuStepMetaFedAvg(
+            **common,
+            nu=nu,
+            alpha=float(cfg["alpha"]),
+            beta=float(cfg["beta"]),
+            mode=mode,
+            local_steps=steps,
+            inner_batch_size=bsz,
+            outer_batch_size=bsz,
+            hessian_batch_size=bsz,
+            hessian_batches=str(cfg["hessian-batches"]),
+            delta=float(cfg["hf-delta"]),
+            finetune_steps=ft_steps,
+            finetune_batch_size=int(cfg["finetune-batch-size"]),
+        )
+    elif algo == "pfedme":
+        strategy = PFedMe(
+            **common,
+            beta=float(cfg["pfedme-beta"]),
+            lr=float(cfg["pfedme-lr"]),
+            personal_lr=float(cfg["pfedme-personal-lr"]),
+            lam=float(cfg["pfedme-lambda"]),
+            inner_steps=int(cfg["pfedme-k"]),
+            local_steps=steps,
+            batch_size=bsz,
+            finetune_steps=ft_steps,
+            finetune_lr=float(cfg["alpha"]),
+            finetune_batch_size=int(cfg["finetune-batch-size"]),
+        )
+    else:
+        train_config = ConfigRecord(
+            {
+                "local-algorithm": "sgd",
+                "lr": float(cfg["beta"]),
+                "local-steps": steps,
+                "batch-size": bsz,
+            }
+        )
+        if algo == "fedprox":
+            strategy = MeteredFedProx(**common, proximal_mu=float(cfg["proximal-mu"]))
+        else:
+            strategy = MeteredFedAvg(**common)
+    return strategy, train_config, evaluate_config
