@@ -173,12 +173,8 @@ class LocalDeployment:
         self.env = flower_env(self.base)
         self.num_nodes = num_nodes
         self.startup_timeout = startup_timeout
-        self.ports = {
-            "fleet": free_port(),
-            "control": free_port(),
-            "runtime": free_port(),
-            "nodes": [free_port() for _ in range(num_nodes)],
-        }
+        # Flower 1.41's SuperLink serves the Fleet, Control and Runtime APIs on one HTTP port
+        self.ports = {"superlink": free_port(), "nodes": [free_port() for _ in range(num_nodes)]}
         self.processes: list[subprocess.Popen] = []
         self.logs = self.base / "logs"
 
@@ -197,18 +193,13 @@ class LocalDeployment:
             [
                 str(BIN / "flower-superlink"),
                 "--insecure",
-                "--fleet-api-address",
-                f"127.0.0.1:{p['fleet']}",
-                "--control-api-address",
-                f"127.0.0.1:{p['control']}",
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(p["runtime"]),
+                str(p["superlink"]),
             ],
         )
-        _wait_port(p["fleet"], self.startup_timeout)
-        _wait_port(p["control"], self.startup_timeout)
+        _wait_port(p["superlink"], self.startup_timeout)
         for k, port in enumerate(p["nodes"]):
             self._spawn(
                 f"supernode-{k}",
@@ -216,7 +207,7 @@ class LocalDeployment:
                     str(BIN / "flower-supernode"),
                     "--insecure",
                     "--superlink",
-                    f"127.0.0.1:{p['fleet']}",
+                    f"127.0.0.1:{p['superlink']}",
                     "--node-config",
                     f"partition-id={k} num-partitions={self.num_nodes}",
                     "--host",
@@ -228,10 +219,10 @@ class LocalDeployment:
         home = Path(self.env["FLWR_HOME"])
         (home / "config.toml").write_text(
             '[superlink]\ndefault = "deployment"\n\n'
-            f'[superlink.{self.connection}]\naddress = "127.0.0.1:{p["control"]}"\ninsecure = true\n'
+            f'[superlink.{self.connection}]\naddress = "127.0.0.1:{p["superlink"]}"\ninsecure = true\n'
         )
-        for port in p["nodes"]:
-            _wait_port(port, self.startup_timeout)
+        time.sleep(2.0)  # the strategy itself waits until `min-nodes` SuperNodes are connected
+        self.check_alive()
         return self
 
     def check_alive(self) -> None:
