@@ -203,6 +203,24 @@ def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def _message_records(msg: Message, require_arrays: bool) -> tuple[ConfigRecord, ArrayRecord]:
+    """The message's config and arrays (by key, else the first record of each kind).
+
+    Without arrays, a training message (layer 0 needs no global layers) gets an empty record; an
+    evaluation message raises ``StopIteration`` as before.
+    """
+    content = msg.content
+    config = (
+        content[P.CONFIG_KEY]
+        if P.CONFIG_KEY in content
+        else next(iter(content.config_records.values()))
+    )
+    if P.ARRAYS_KEY in content.array_records:
+        return config, content[P.ARRAYS_KEY]
+    records = iter(content.array_records.values())
+    return config, next(records) if require_arrays else next(records, ArrayRecord())
+
+
 def handle_train(
     msg: Message, context: Context, load_partition: PartitionLoader, cache: bool = True
 ) -> Message:
@@ -214,16 +232,7 @@ def handle_train(
     """
     start = time.perf_counter()
     _set_threads(context)
-    config = (
-        msg.content[P.CONFIG_KEY]
-        if P.CONFIG_KEY in msg.content
-        else next(iter(msg.content.config_records.values()))
-    )
-    arrays = (
-        msg.content[P.ARRAYS_KEY]
-        if P.ARRAYS_KEY in msg.content.array_records
-        else next(iter(msg.content.array_records.values()), ArrayRecord())
-    )
+    config, arrays = _message_records(msg, require_arrays=False)
     train, _ = _partition(context, load_partition, cache)
     net, stats = layer_statistics(config, _numpy(arrays), train)
     layer = int(config[P.LAYER])
@@ -247,16 +256,7 @@ def handle_evaluate(
     """Reply to an evaluation message with global and pFedACnnL metrics on the local test set."""
     start = time.perf_counter()
     _set_threads(context)
-    config = (
-        msg.content[P.CONFIG_KEY]
-        if P.CONFIG_KEY in msg.content
-        else next(iter(msg.content.config_records.values()))
-    )
-    arrays = (
-        msg.content[P.ARRAYS_KEY]
-        if P.ARRAYS_KEY in msg.content.array_records
-        else next(iter(msg.content.array_records.values()))
-    )
+    config, arrays = _message_records(msg, require_arrays=True)
     train, test = _partition(context, load_partition, cache)
     group = msg.content.array_records.get(P.GROUP_ARRAYS_KEY)
     metrics, used = evaluate_global_and_personal(
