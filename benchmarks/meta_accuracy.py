@@ -84,8 +84,16 @@ def run_method(label: str, cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_KEYS = ("acc", "acc-s0", "acc-client-mean", "acc-client-std", "acc-client-min",
-         "acc-client-p10", "acc-curve", "loss")
+_KEYS = (
+    "acc",
+    "acc-s0",
+    "acc-client-mean",
+    "acc-client-std",
+    "acc-client-min",
+    "acc-client-p10",
+    "acc-curve",
+    "loss",
+)
 
 
 def main() -> None:
@@ -150,26 +158,37 @@ def main() -> None:
                     "best": r["best"]["acc"] - base["best"]["acc"],
                     "beats_final": r["final"]["acc"] > base["final"]["acc"],
                 }
-    result = {"config": {**cfg, "methods": labels, "total-wall-time-s": total,
-                         "workers": args.workers}, "runs": runs, "nu_gt_1_vs_nu_1": verdict}
+    result = {
+        "config": {**cfg, "methods": labels, "total-wall-time-s": total, "workers": args.workers},
+        "runs": runs,
+        "nu_gt_1_vs_nu_1": verdict,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
     s = args.finetune_steps
-    print(f"MNIST 20 clients Dirichlet(0.1), {args.model}, {args.rounds} rounds, "
-          f"{args.clients_per_round} clients/round, budget {args.budget:g} grad-eq/client/round, "
-          f"alpha={args.alpha} beta={args.beta}, S={s}, test cap {args.test_cap}")
-    print(f"{'method':<26}{'tau':>4}{'ge':>6}{'acc s=0':>9}{f'acc s={s}':>9}{'best':>8}"
-          f"{'cl-mean':>9}{'cl-std':>8}{'cl-min':>8}{'cl-p10':>8}{'time s':>8}")
+    print(
+        f"MNIST 20 clients Dirichlet(0.1), {args.model}, {args.rounds} rounds, "
+        f"{args.clients_per_round} clients/round, budget {args.budget:g} grad-eq/client/round, "
+        f"alpha={args.alpha} beta={args.beta}, S={s}, test cap {args.test_cap}"
+    )
+    print(
+        f"{'method':<26}{'tau':>4}{'ge':>6}{'acc s=0':>9}{f'acc s={s}':>9}{'best':>8}"
+        f"{'cl-mean':>9}{'cl-std':>8}{'cl-min':>8}{'cl-p10':>8}{'time s':>8}"
+    )
     for r in runs:
         f = r["final"]
-        print(f"{r['label']:<26}{r['local-steps']:>4}{r['grad-equivalents-per-client-round']:>6.0f}"
-              f"{f['acc-s0']:>9.4f}{f['acc']:>9.4f}{r['best']['acc']:>8.4f}"
-              f"{f['acc-client-mean']:>9.4f}{f['acc-client-std']:>8.4f}{f['acc-client-min']:>8.4f}"
-              f"{f['acc-client-p10']:>8.4f}{r['wall-time-s']:>8.1f}")
+        print(
+            f"{r['label']:<26}{r['local-steps']:>4}{r['grad-equivalents-per-client-round']:>6.0f}"
+            f"{f['acc-s0']:>9.4f}{f['acc']:>9.4f}{r['best']['acc']:>8.4f}"
+            f"{f['acc-client-mean']:>9.4f}{f['acc-client-std']:>8.4f}{f['acc-client-min']:>8.4f}"
+            f"{f['acc-client-p10']:>8.4f}{r['wall-time-s']:>8.1f}"
+        )
     for key, v in verdict.items():
-        print(f"{key}: final {v['final']:+.4f}, best {v['best']:+.4f} -> "
-              f"{'beats' if v['beats_final'] else 'does not beat'} nu=1 (final round)")
+        print(
+            f"{key}: final {v['final']:+.4f}, best {v['best']:+.4f} -> "
+            f"{'beats' if v['beats_final'] else 'does not beat'} nu=1 (final round)"
+        )
     print(f"total {total:.0f} s; wrote {args.out}")
 
 

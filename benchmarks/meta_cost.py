@@ -84,8 +84,19 @@ def measure(mode: str, nu: int, repeats: int, model_name: str, batch: int) -> di
 
 
 def _child(args: argparse.Namespace, mode: str, nu: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, str(nu), "--repeats", str(args.repeats),
-           "--model", args.model, "--batch", str(args.batch)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        str(nu),
+        "--repeats",
+        str(args.repeats),
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -100,8 +111,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "meta_cost.json"))
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], int(args.child[1]), args.repeats, args.model,
-                                 args.batch)))
+        print(
+            json.dumps(
+                measure(args.child[0], int(args.child[1]), args.repeats, args.model, args.batch)
+            )
+        )
         return
 
     plain = _child(args, "plain", 0)
@@ -116,21 +130,33 @@ def main() -> None:
     r2 = 1 - ((ts - (slope * nus + intercept)) ** 2).sum() / ((ts - ts.mean()) ** 2).sum()
     summary = {
         "plain_grad_ms": plain["time_ms_min"],
-        "exact_linear_fit": {"slope_ms_per_nu": slope, "intercept_ms": intercept, "r2": r2,
-                             "slope_in_plain_grads": slope / plain["time_ms_min"]},
+        "exact_linear_fit": {
+            "slope_ms_per_nu": slope,
+            "intercept_ms": intercept,
+            "r2": r2,
+            "slope_in_plain_grads": slope / plain["time_ms_min"],
+        },
     }
     result = {
-        "config": {"model": args.model, "input": [1, 28, 28], "batch": args.batch,
-                   "repeats": args.repeats, "threads": 1, "python": platform.python_version(),
-                   "machine": platform.machine()},
+        "config": {
+            "model": args.model,
+            "input": [1, 28, 28],
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "threads": 1,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
         "rows": rows,
         "summary": summary,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
-    print(f"model {args.model}, batch {args.batch}, 1 thread; plain gradient step: "
-          f"{plain['time_ms_min']:.1f} ms, peak +{plain['peak_extra_mb']:.1f} MB")
+    print(
+        f"model {args.model}, batch {args.batch}, 1 thread; plain gradient step: "
+        f"{plain['time_ms_min']:.1f} ms, peak +{plain['peak_extra_mb']:.1f} MB"
+    )
     print(f"best of {args.repeats} times per meta-step in ms (x plain gradient) | peak extra MB")
     print(f"{'nu':>3} " + " ".join(f"{m:>26}" for m in MODES))
     for nu in range(args.nu_max + 1):
@@ -138,13 +164,14 @@ def main() -> None:
         for mode in MODES:
             r = next(r for r in rows if r["mode"] == mode and r["nu"] == nu)
             ratio = r["time_ms_min"] / plain["time_ms_min"]
-            cells.append(f"{r['time_ms_min']:8.1f} ({ratio:4.1f}x) "
-                         f"| {r['peak_extra_mb']:6.1f}")
+            cells.append(f"{r['time_ms_min']:8.1f} ({ratio:4.1f}x) | {r['peak_extra_mb']:6.1f}")
         print(f"{nu:>3} " + " ".join(f"{c:>26}" for c in cells))
     fit = summary["exact_linear_fit"]
-    print(f"exact: time = {fit['intercept_ms']:.1f} + {fit['slope_ms_per_nu']:.1f} * nu ms "
-          f"(R^2 = {fit['r2']:.4f}; {fit['slope_in_plain_grads']:.2f} plain gradients per extra "
-          f"step)")
+    print(
+        f"exact: time = {fit['intercept_ms']:.1f} + {fit['slope_ms_per_nu']:.1f} * nu ms "
+        f"(R^2 = {fit['r2']:.4f}; {fit['slope_in_plain_grads']:.2f} plain gradients per extra "
+        f"step)"
+    )
     print(f"wrote {args.out}")
 
 

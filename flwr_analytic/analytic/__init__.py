@@ -20,6 +20,11 @@ from flwr_analytic.analytic.training import (
     fit_federated,
     personalize,
 )
+from flwr_analytic.analytic.updates import (
+    add_client_statistics,
+    remove_client_statistics,
+    solve_output_layer,
+)
 
 __all__ = [
     "SCHEMES",
@@ -31,6 +36,7 @@ __all__ = [
     "StatisticsAccumulator",
     "StatisticsError",
     "TargetScheme",
+    "add_client_statistics",
     "conv_rows",
     "fit_centralized",
     "fit_federated",
@@ -38,5 +44,7 @@ __all__ = [
     "merge",
     "personalize",
     "personalized_solve",
+    "remove_client_statistics",
     "ridge_solve",
+    "solve_output_layer",
 ]

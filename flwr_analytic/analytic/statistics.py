@@ -13,7 +13,8 @@ ACnnL, Information Sciences 2025). Everything is stored in float64.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,10 +23,37 @@ import numpy as np
 GRAM_KEY = "gram-triu"
 CROSS_KEY = "cross"
 COUNT_KEY = "count"
+#: Alternative to :data:`GRAM_KEY`: the full ``D x D`` matrix (accepted, checked for symmetry).
+FULL_GRAM_KEY = "gram"
+
+#: Default relative tolerance of the Cauchy–Schwarz checks ``|G_ij| <= sqrt(G_ii G_jj)(1 + tol)``
+#: (float32 client products carry relative errors ~1e-5; a forged entry is off by far more).
+CAUCHY_SCHWARZ_TOL = 1e-3
+#: Default shift of the PSD check: the Cholesky factorization of ``C + τI`` must succeed, where
+#: ``C = S⁻¹GS⁻¹`` (``S = diag(sqrt(G_ii))``) has a unit diagonal, i.e. ``λ_min(C) > −τ``.
+PSD_SHIFT = 1e-2
+#: The Cholesky PSD check runs for ``D`` up to this size (``D³/3`` flops; above it only the
+#: ``O(D²)`` checks run).
+PSD_CHECK_MAX_DIM = 2048
+#: Elements per block of the ``O(D²)`` checks (bounds their temporary memory to ~32 MB).
+_BLOCK_ELEMENTS = 1 << 22
 
 
 class StatisticsError(ValueError):
     """Statistics that cannot be summed or solved: wrong shape, non-finite, asymmetric, bad count."""
+
+
+@functools.lru_cache(maxsize=4)
+def upper_mask(dim: int) -> np.ndarray:
+    """Read-only boolean ``(D, D)`` mask of the upper triangle (diagonal included).
+
+    Boolean-mask indexing visits ``G`` in row-major order, so ``G[mask]`` is the same packed vector
+    as ``G[np.triu_indices(D)]``, several times faster and without two ``D(D+1)/2`` int64 index
+    arrays (537 MB for ``D = 8193``); cached per ``D``.
+    """
+    mask = np.triu(np.ones((dim, dim), dtype=bool))
+    mask.setflags(write=False)
+    return mask
 
 
 @dataclass
@@ -84,8 +112,33 @@ class LayerStatistics:
         targets: int | None = None,
         *,
         symmetry_tol: float = 1e-10,
+        rows_per_sample: int | None = None,
+        label_classes: int | None = None,
+        check_psd: bool = False,
+        cs_tol: float = CAUCHY_SCHWARZ_TOL,
+        psd_shift: float = PSD_SHIFT,
+        psd_max_dim: int = PSD_CHECK_MAX_DIM,
     ) -> LayerStatistics:
-        """Check shapes, dtype, finiteness, symmetry and counts; return ``self`` or raise.
+        """Check that ``(G, B, n)`` can be the statistics of some data; return ``self`` or raise.
+
+        Always checked: shapes, dtype (float64), finiteness, symmetry of ``G``, a non-negative
+        integer count, a non-negative diagonal, and that ``G[-1, -1] = 1ᵀ1`` (the bias column of
+        ones, so the number of design rows) is a whole multiple ``>= n`` of the count.
+
+        Optional checks, for statistics received from an untrusted client:
+
+        - ``rows_per_sample``: ``G[-1, -1] = n · L`` exactly (``L = 1`` for an FC layer, the number
+          of output positions of a conv layer).
+        - ``label_classes``: the targets are the first ``m`` columns of a one-hot encoding over
+          ``label_classes`` classes (output layer, label channels of ``label-pca``), so the bias row
+          ``B[-1] = 1ᵀT`` is the label histogram times ``L``: whole, ``>= 0``, summing to ``G[-1,-1]``
+          (``<=`` when ``m < label_classes``); and ``|B_ic| <= sqrt(G_ii · B[-1, c])``
+          (Cauchy–Schwarz over the rows of class ``c``) when ``check_psd``.
+        - ``check_psd``: necessary conditions for ``G = AᵀA``: ``|G_ij| <= sqrt(G_ii G_jj)(1 + tol)``
+          (every 2x2 principal minor ``>= 0``) and, for ``D <= psd_max_dim``, a Cholesky factorization
+          of ``C + τI`` with ``C = S⁻¹GS⁻¹``, ``S = diag(sqrt(G_ii))`` (unit diagonal), which exists
+          iff ``λ_min(C) > −τ``: a clearly negative eigenvalue is rejected while the rounding of
+          honest float32 products (``|ΔC_ij| ≲ 1e-5``) is not.
 
         Parameters
         ----------
@@ -93,6 +146,15 @@ class LayerStatistics:
             Expected ``D`` and ``m``.
         symmetry_tol : float
             Largest allowed ``max|G − Gᵀ| / max(1, max|G|)``.
+        rows_per_sample : int, optional
+            Design rows per sample ``L``.
+        label_classes : int, optional
+            Number of classes when ``B``'s targets are one-hot labels.
+        check_psd : bool
+            Run the positive-semi-definiteness checks.
+        cs_tol, psd_shift, psd_max_dim : float, float, int
+            Tolerances of the PSD checks (see :data:`CAUCHY_SCHWARZ_TOL`, :data:`PSD_SHIFT`,
+            :data:`PSD_CHECK_MAX_DIM`).
 
         Raises
         ------
@@ -119,14 +181,20 @@ class LayerStatistics:
                 raise StatisticsError(f"{name} must be float64, got {arr.dtype}")
             if not np.all(np.isfinite(arr)):
                 raise StatisticsError(f"{name} has non-finite values (NaN or Inf)")
-        scale = max(1.0, float(np.max(np.abs(g))))
-        asym = float(np.max(np.abs(g - g.T))) / scale
+        scale = max(1.0, float(g.max()), -float(g.min()))
+        step = max(1, _BLOCK_ELEMENTS // g.shape[0])  # row blocks: no D x D temporaries
+        asym = max(
+            float(np.max(np.abs(g[i : i + step] - g[:, i : i + step].T)))
+            for i in range(0, g.shape[0], step)
+        )
+        asym /= scale
         if asym > symmetry_tol:
             raise StatisticsError(f"gram is not symmetric (relative asymmetry {asym:.2e})")
         count = self.count
         if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0:
             raise StatisticsError(f"count must be a non-negative integer, got {count!r}")
-        if np.any(np.diag(g) < -1e-12 * scale):
+        diag = np.diag(g)
+        if np.any(diag < -1e-12 * scale):
             raise StatisticsError("gram has a negative diagonal entry: not AᵀA of any data")
         rows = self.rows
         if count == 0 and rows != 0:
@@ -136,42 +204,172 @@ class LayerStatistics:
                 f"count {count} is inconsistent with {rows:g} design rows (G[-1,-1] must be a "
                 "whole multiple of the sample count)"
             )
+        if rows_per_sample is not None and rows != count * rows_per_sample:
+            raise StatisticsError(
+                f"bias entry G[-1,-1] = {rows:g} design rows, expected count {count} x "
+                f"{rows_per_sample} rows per sample = {count * rows_per_sample}"
+            )
+        if label_classes is not None:
+            self._check_label_row(label_classes, rows_per_sample)
+        if check_psd:
+            self._check_psd(cs_tol, psd_shift, psd_max_dim, label_classes is not None)
         return self
+
+    def _check_label_row(self, label_classes: int, rows_per_sample: int | None) -> None:
+        """``B[-1]`` of one-hot targets: whole per-class row counts summing to ``G[-1, -1]``."""
+        hist, rows = self.cross[-1], self.rows
+        if self.targets > label_classes:
+            raise StatisticsError(
+                f"cross has {self.targets} label columns but there are {label_classes} classes"
+            )
+        step = 1 if rows_per_sample is None else rows_per_sample
+        if np.any(hist < 0) or np.any(hist != np.round(hist)) or np.any(np.round(hist) % step):
+            raise StatisticsError(
+                "bias row of cross (the label histogram B[-1]) must hold whole, non-negative "
+                f"row counts (multiples of {step}), got {hist.tolist()}"
+            )
+        total = float(hist.sum())
+        if total > rows or (self.targets == label_classes and total != rows):
+            raise StatisticsError(
+                f"label histogram B[-1] sums to {total:g} but G[-1,-1] holds {rows:g} design rows"
+            )
+
+    def _check_psd(self, tol: float, shift: float, max_dim: int, labels: bool) -> None:
+        """Necessary conditions for ``G = AᵀA`` (and ``B = AᵀY`` with one-hot ``Y``)."""
+        g = self.gram
+        root = np.sqrt(np.maximum(np.diag(g), 0.0))
+        slack = 1e-12 * max(1.0, float(g.max()), -float(g.min()))
+        step = max(1, _BLOCK_ELEMENTS // max(1, self.dim))  # rows per block: O(block) memory
+        for start in range(0, self.dim, step):
+            rows = slice(start, min(start + step, self.dim))
+            bound = np.outer(root[rows], root)
+            excess = np.abs(g[rows]) - bound * (1 + tol) - slack
+            if np.any(excess > 0):
+                i, j = np.unravel_index(int(np.argmax(excess)), excess.shape)
+                raise StatisticsError(
+                    f"gram is not positive semi-definite: |G[{start + i},{j}]| = "
+                    f"{abs(g[start + i, j]):.6g} exceeds sqrt(G[{start + i},{start + i}]·G[{j},{j}])"
+                    f" = {bound[i, j]:.6g} (Cauchy–Schwarz)"
+                )
+        if labels:
+            cbound = np.outer(root, np.sqrt(np.maximum(self.cross[-1], 0.0)))
+            cexcess = np.abs(self.cross) - cbound * (1 + tol) - slack
+            if np.any(cexcess > 0):
+                i, c = np.unravel_index(int(np.argmax(cexcess)), cexcess.shape)
+                raise StatisticsError(
+                    f"cross is not AᵀY of one-hot labels: |B[{i},{c}]| = "
+                    f"{abs(self.cross[i, c]):.6g} exceeds sqrt(G[{i},{i}]·B[-1,{c}]) = "
+                    f"{cbound[i, c]:.6g} (Cauchy–Schwarz)"
+                )
+        if self.dim > max_dim:
+            return
+        inv = np.divide(1.0, root, out=np.zeros_like(root), where=root > 0)
+        corr = g * inv[:, None]
+        corr *= inv[None, :]
+        corr[np.diag_indices_from(corr)] += shift
+        try:
+            np.linalg.cholesky(corr)
+        except np.linalg.LinAlgError:
+            lam = float(np.linalg.eigvalsh(corr)[0]) - shift
+            raise StatisticsError(
+                "gram is not positive semi-definite: its unit-diagonal scaling has eigenvalue "
+                f"{lam:.3g} < -{shift:g}"
+            ) from None
 
     def pack(self) -> dict[str, np.ndarray]:
         """Transport form: the upper triangle of ``G`` (row-major), ``B`` and ``n``.
 
         Sends ``D(D+1)/2 + D·m + 1`` numbers instead of ``D² + D·m + 1``.
         """
-        iu = np.triu_indices(self.dim)
         return {
-            GRAM_KEY: np.ascontiguousarray(self.gram[iu]),
+            GRAM_KEY: np.ascontiguousarray(self.gram[upper_mask(self.dim)]),
             CROSS_KEY: np.ascontiguousarray(self.cross),
             COUNT_KEY: np.asarray([self.count], dtype=np.int64),
         }
 
     @classmethod
-    def unpack(cls, packed: dict[str, np.ndarray]) -> LayerStatistics:
-        """Inverse of :meth:`pack`; raises :class:`StatisticsError` on a malformed record."""
-        missing = {GRAM_KEY, CROSS_KEY, COUNT_KEY} - set(packed)
+    def unpack(
+        cls,
+        packed: Mapping[str, np.ndarray],
+        *,
+        dim: int | None = None,
+        targets: int | None = None,
+        strict: bool = False,
+    ) -> LayerStatistics:
+        """Inverse of :meth:`pack`; raises :class:`StatisticsError` on a malformed record.
+
+        ``G`` comes from :data:`GRAM_KEY` (the packed upper triangle) or, as an alternative,
+        :data:`FULL_GRAM_KEY` (the full matrix, kept as sent so :meth:`validate` checks its
+        symmetry); exactly one of them must be present.
+
+        Parameters
+        ----------
+        packed : mapping
+            The transport record.
+        dim, targets : int, optional
+            Expected ``D`` and ``m``, checked from the arrays' sizes *before* a ``D x D`` matrix is
+            allocated (a hostile record cannot make the server allocate a huge matrix).
+        strict : bool
+            Reject keys other than the known ones.
+
+        """
+        keys = set(packed)
+        grams = sorted(keys & {GRAM_KEY, FULL_GRAM_KEY})
+        missing = sorted({CROSS_KEY, COUNT_KEY} - keys) + ([] if grams else [GRAM_KEY])
         if missing:
-            raise StatisticsError(f"packed statistics miss {sorted(missing)}")
-        tri = np.asarray(packed[GRAM_KEY])
-        if tri.ndim != 1:
-            raise StatisticsError(f"{GRAM_KEY} must be 1-D, got shape {tri.shape}")
-        dim = int(round((np.sqrt(8 * tri.size + 1) - 1) / 2))
-        if dim * (dim + 1) // 2 != tri.size or dim < 1:
-            raise StatisticsError(f"{GRAM_KEY} has {tri.size} entries: not a triangle D(D+1)/2")
-        if tri.dtype != np.float64:
-            raise StatisticsError(f"{GRAM_KEY} must be float64, got {tri.dtype}")
-        gram = np.zeros((dim, dim))
-        iu = np.triu_indices(dim)
-        gram[iu] = tri
-        gram.T[iu] = tri
-        count = np.asarray(packed[COUNT_KEY])
-        if count.size != 1 or not np.issubdtype(count.dtype, np.integer):
-            raise StatisticsError(f"{COUNT_KEY} must be one integer, got {count!r}")
-        cross = np.asarray(packed[CROSS_KEY])
+            raise StatisticsError(f"packed statistics miss {missing}")
+        if len(grams) > 1:
+            raise StatisticsError(f"packed statistics hold both {grams}: send exactly one")
+        extra = sorted(keys - {GRAM_KEY, FULL_GRAM_KEY, CROSS_KEY, COUNT_KEY})
+        if strict and extra:
+            raise StatisticsError(
+                f"packed statistics hold unknown keys {extra}; allowed: "
+                f"{GRAM_KEY} (or {FULL_GRAM_KEY}), {CROSS_KEY}, {COUNT_KEY}"
+            )
+        arrays = {k: packed[k] for k in (*grams, CROSS_KEY, COUNT_KEY)}
+        for key, value in arrays.items():
+            if not isinstance(value, np.ndarray):
+                raise StatisticsError(f"{key} must be a numpy array, got {type(value).__name__}")
+        cross, count = arrays[CROSS_KEY], arrays[COUNT_KEY]
+        if cross.ndim != 2:
+            raise StatisticsError(f"{CROSS_KEY} must be 2-D (D, m), got shape {cross.shape}")
+        wrong_rows = dim is not None and cross.shape[0] != dim
+        if wrong_rows or (targets is not None and cross.shape[1] != targets):
+            raise StatisticsError(
+                f"{CROSS_KEY} has shape {cross.shape}, expected ({dim}, {targets}) "
+                "(D x target columns)"
+            )
+        if grams[0] == FULL_GRAM_KEY:
+            gram = arrays[FULL_GRAM_KEY]
+            if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 1:
+                raise StatisticsError(f"{FULL_GRAM_KEY} must be a square matrix, got {gram.shape}")
+            if dim is not None and gram.shape[0] != dim:
+                raise StatisticsError(f"{FULL_GRAM_KEY} is {gram.shape}, expected D={dim}")
+            if gram.dtype != np.float64:
+                raise StatisticsError(f"{FULL_GRAM_KEY} must be float64, got {gram.dtype}")
+            gram = np.array(gram, dtype=np.float64)
+        else:
+            tri = arrays[GRAM_KEY]
+            if tri.ndim != 1:
+                raise StatisticsError(f"{GRAM_KEY} must be 1-D, got shape {tri.shape}")
+            if dim is not None and tri.size != dim * (dim + 1) // 2:
+                raise StatisticsError(
+                    f"{GRAM_KEY} has {tri.size} entries, expected D(D+1)/2 = {dim * (dim + 1) // 2}"
+                    f" for D={dim}"
+                )
+            size = int(round((np.sqrt(8 * tri.size + 1) - 1) / 2))
+            if size * (size + 1) // 2 != tri.size or size < 1:
+                raise StatisticsError(f"{GRAM_KEY} has {tri.size} entries: not a triangle D(D+1)/2")
+            if tri.dtype != np.float64:
+                raise StatisticsError(f"{GRAM_KEY} must be float64, got {tri.dtype}")
+            gram = np.zeros((size, size))
+            iu = np.triu_indices(size)
+            gram[iu] = tri
+            gram.T[iu] = tri
+        if count.size != 1 or count.ndim > 1 or not np.issubdtype(count.dtype, np.integer):
+            raise StatisticsError(
+                f"{COUNT_KEY} must be one integer, got dtype {count.dtype}, shape {count.shape}"
+            )
         return cls(gram, cross, int(count.reshape(-1)[0]))
 
 

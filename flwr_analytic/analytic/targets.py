@@ -32,14 +32,17 @@ The output layer is always the ridge solution onto one-hot labels (:class:`OneHo
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from flwr_analytic.analytic.solvers import Regularization, ridge_solve
+from flwr_analytic.analytic.solvers import IllConditionedWarning, Regularization, ridge_solve
 from flwr_analytic.analytic.statistics import LayerStatistics
 
 SCHEMES = ("label-encoding", "pca", "label-pca", "random", "random-standardized")
+#: Variances at most this fraction of the largest one count as zero (constant / duplicated inputs).
+ZERO_VARIANCE = 1e-10
 ENCODINGS = ("orthonormal", "identity")
 _EPS = 1e-6
 
@@ -107,6 +110,18 @@ def pca_filters(stats: LayerStatistics, pairs: int) -> np.ndarray:
     evecs = evecs * np.sign(evecs[top, np.arange(pairs)])
     floor = max(float(evals[0]), 0.0) * 1e-12 + 1e-300
     w = evecs / np.sqrt(np.maximum(evals, floor))
+    null = evals <= max(float(evals[0]), 0.0) * ZERO_VARIANCE
+    if np.any(null):
+        # Directions of (numerically) zero variance: constant or duplicated inputs. Whitening them
+        # would multiply rounding noise (or test-time deviations) by up to 1e6; their filters are 0.
+        warnings.warn(
+            f"PCA: {int(null.sum())} of the {pairs} requested filter pairs are directions of "
+            "zero variance (constant or duplicated inputs, or fewer samples than inputs); their "
+            "filters are set to 0",
+            IllConditionedWarning,
+            stacklevel=2,
+        )
+        w[:, null] = 0.0
     half = np.vstack([w, -(mu @ w)[None, :]])
     return np.hstack([half, -half])
 
@@ -129,6 +144,8 @@ def standardized_random_filters(stats: LayerStatistics, width: int, seed: int) -
     rng = np.random.default_rng(seed)
     r = rng.standard_normal((g.shape[0] - 1, width)) / np.sqrt(g.shape[0] - 1)
     w = r / sigma[:, None]
+    # constant inputs carry no information; 1/σ would amplify any test-time deviation by ~1e6
+    w[var <= max(float(var.max()), 0.0) * ZERO_VARIANCE] = 0.0
     return np.vstack([w, (rng.standard_normal(width) - mu @ w)[None, :]])
 
 

@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from flwr_analytic.analytic import AnalyticNetwork, LayerStatistics, personalize
+from flwr_analytic.clients.fedacnnl_dp import dp_from_config, dp_metrics, release_statistics
 from flwr_analytic.data import ArrayDataset
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.fedacnnl.config import load_partition_from_config
@@ -152,7 +153,7 @@ def _partition(context: Context, load_partition: PartitionLoader, cache: bool):
     if not cache:
         return load_partition(context)
     key = (
-        id(load_partition),
+        load_partition,  # the object itself: an id() could be reused after collection
         context.run_id,
         tuple(sorted((k, repr(v)) for k, v in context.run_config.items())),
         tuple(sorted((k, repr(v)) for k, v in context.node_config.items())),
@@ -168,6 +169,14 @@ def _set_threads(context: Context) -> None:
     threads = int(context.run_config.get("client-threads", 1) or 0)
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def _keep_statistics(context: Context) -> bool:
+    """Run-config ``keep-statistics`` (default true): keep personalized layers' statistics."""
+    value = context.run_config.get("keep-statistics", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"run-config 'keep-statistics' must be true or false, got {value!r}")
+    return value
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -236,14 +245,21 @@ def handle_train(
     train, _ = _partition(context, load_partition, cache)
     net, stats = layer_statistics(config, _numpy(arrays), train)
     layer = int(config[P.LAYER])
-    if layer in P.personalized_layers(net, str(config.get(P.PERSONALIZE_LAYERS, "last"))):
+    keep = _keep_statistics(context)
+    if keep and layer in P.personalized_layers(net, str(config.get(P.PERSONALIZE_LAYERS, "last"))):
         _keep(context, layer, P.weights_digest(net, layer), stats)
+    # optional differential privacy (run-config dp-* keys): release clipped + noised statistics
+    dp = dp_from_config(context.run_config)
+    stats = release_statistics(
+        net, layer, train, stats, dp, context.run_config, _partition_id(context), config
+    )
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: int(stats.count),
             P.PARTITION_ID: _partition_id(context),
             P.LAYER: layer,
             "compute-time": time.perf_counter() - start,
+            **dp_metrics(dp),
         }
     )
     content = RecordDict({P.STATISTICS_KEY: _array_record(stats.pack()), P.METRICS_KEY: metrics})
@@ -262,8 +278,9 @@ def handle_evaluate(
     metrics, used = evaluate_global_and_personal(
         config, _numpy(arrays), train, test, _kept(context), _numpy(group) if group else None
     )
-    for layer, (digest, stats) in used.items():
-        _keep(context, layer, digest, stats)
+    if _keep_statistics(context):
+        for layer, (digest, stats) in used.items():
+            _keep(context, layer, digest, stats)
     metrics[P.PARTITION_ID] = _partition_id(context)
     metrics["compute-time"] = time.perf_counter() - start
     return Message(content=RecordDict({P.METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

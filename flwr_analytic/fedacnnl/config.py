@@ -13,6 +13,7 @@ from typing import Any
 
 from flwr.app import Context
 
+from flwr_analytic.config_checks import ConfigError, check_choice, check_keys, check_number
 from flwr_analytic.data import ArrayDataset, FederatedSplit, federated_split, load_dataset
 from flwr_analytic.models import Architecture, get_architecture
 
@@ -57,10 +58,29 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "centralized-eval": False,
     # client: torch threads per ClientApp call (1 under Ray: one core per client)
     "client-threads": 1,
+    # client: keep the personalized layers' statistics in context.state for the evaluation round
+    # (false: recompute them there; a kept D=1601 head is 10 MB per node, held by the simulation)
+    "keep-statistics": True,
+    # server: "sorted" (hold every reply, sum in partition-id order: bit-reproducible) or
+    # "streaming" (add each reply as it arrives: memory O(D^2) for any number of clients)
+    "aggregation": "sorted",
+    # streaming only: push at most this many training messages at a time (0 = all at once)
+    "max-in-flight": 0,
+    # differential privacy of each client's statistics (0 = off): Gaussian noise σ = z·Δ per layer,
+    # design rows [a, 1] clipped to norm dp-clip-norm (> 1), target rows to dp-target-bound;
+    # dp-seed -1 = OS entropy (a fixed seed reproduces the noise and must be kept from the server)
+    "dp-noise-multiplier": 0.0,
+    "dp-clip-norm": 0.0,
+    "dp-target-bound": 1.0,
+    "dp-seed": -1,
     # where the JSON with per-round and evaluation metrics goes ("" = do not write)
     "results-path": "fedacnnl_results.json",
     # where the final model's state_dict goes (torch.save; "" = do not write)
     "model-path": "",
+    # server checkpoint (.npz) written after every solved layer: solved layers, their summed
+    # statistics (used to add/remove clients later), history; a restarted run with the same
+    # configuration resumes at the next layer ("" = no checkpoint)
+    "checkpoint-path": "",
 }
 
 #: ``(C, H, W)`` and number of classes of the named data sets (so the server need not load data).
@@ -73,15 +93,79 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
 
 
 def resolve_run_config(run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults overridden by ``run_config``; unknown keys raise ``KeyError``."""
-    cfg = dict(DEFAULT_RUN_CONFIG)
-    for key, value in dict(run_config or {}).items():
-        if key not in DEFAULT_RUN_CONFIG:
-            raise KeyError(
-                f"unknown run-config key {key!r}; known: {', '.join(DEFAULT_RUN_CONFIG)}"
-            )
-        cfg[key] = value
+    """Defaults overridden by ``run_config``, checked by :func:`check_run_config`.
+
+    Raises
+    ------
+    flwr_analytic.config_checks.UnknownKeyError
+        (a ``KeyError``) for a key not in :data:`DEFAULT_RUN_CONFIG`, naming the closest known key
+        (a likely typo: ``gama`` -> ``gamma``).
+    flwr_analytic.config_checks.ConfigError
+        (a ``ValueError``) for a value that is not allowed, naming the key and the allowed values.
+
+    """
+    given = dict(run_config or {})
+    check_keys(given, DEFAULT_RUN_CONFIG, "run-config")
+    cfg = {**DEFAULT_RUN_CONFIG, **given}
+    check_run_config(cfg)
     return cfg
+
+
+def check_run_config(cfg: Mapping[str, Any]) -> None:
+    """Fail at start on a value that cannot work, naming the key and the allowed values.
+
+    Ridges ``gamma``, ``hidden-gamma`` >= 0 and λ ``lam`` > 0 (Gu et al., arXiv 2502.06915: ``W =
+    (ΣG + γI)⁻¹ΣB``, ``W_k = (G_k + λI)⁻¹(B_k + λW)``), their rules, the dataset, partitioner, model,
+    scheme, dtype, fractions, sizes and counts. (Whether there are more clients than samples is
+    known once the data is loaded: :func:`split_from_config`.)
+    """
+    from flwr_analytic.analytic.solvers import RULES
+    from flwr_analytic.analytic.targets import SCHEMES
+    from flwr_analytic.data import DATASETS, PARTITIONERS
+    from flwr_analytic.data.loaders import SPLITS
+    from flwr_analytic.models.architectures import ARCHITECTURES
+
+    name = cfg["dataset"]
+    if not (isinstance(name, str) and name.startswith("hub:") and len(name) > 4):
+        check_choice("dataset", name, [*DATASETS, "hub:<repo id>"])
+    check_choice("data-split", cfg["data-split"], SPLITS)
+    check_choice("partitioner", cfg["partitioner"], PARTITIONERS)
+    check_choice("model", cfg["model"], ARCHITECTURES)
+    check_choice("scheme", cfg["scheme"], SCHEMES)
+    check_choice("gamma-rule", cfg["gamma-rule"], RULES)
+    check_choice("lam-rule", cfg["lam-rule"], RULES)
+    check_choice("personalize-layers", cfg["personalize-layers"], ("last", "all"))
+    check_choice("dtype", cfg["dtype"], ("float64", "float32"))
+    check_number("gamma", cfg["gamma"], low=0.0)
+    check_number("hidden-gamma", cfg["hidden-gamma"], low=0.0)
+    check_number("lam", cfg["lam"], low=0.0, low_open=True)
+    check_number("dirichlet-alpha", cfg["dirichlet-alpha"], low=0.0, low_open=True)
+    check_number("test-fraction", cfg["test-fraction"], low=0.0, high=1.0, high_open=True)
+    check_number("fraction-train", cfg["fraction-train"], low=0.0, high=1.0, low_open=True)
+    check_number("fraction-evaluate", cfg["fraction-evaluate"], low=0.0, high=1.0)
+    check_number("round-timeout", cfg["round-timeout"], low=0.0, low_open=True)
+    for key, low in (
+        ("num-server-rounds", 0),
+        ("classes-per-partition", 1),
+        ("min-partition-size", 0),
+        ("mlp-hidden", 0),
+        ("seed", 0),
+        ("batch-size", 1),
+        ("min-nodes", 1),
+        ("num-groups", 0),
+        ("client-threads", 0),
+    ):
+        check_number(key, cfg[key], low=low, integer=True)
+    for key in ("cnn-channels", "cnn-dense"):
+        try:
+            widths = _ints(cfg[key])
+        except ValueError:
+            widths = (0,)
+        if any(w < 1 for w in widths):
+            raise ConfigError(
+                f"{key}: {cfg[key]!r} is not allowed; must be comma-separated positive integers "
+                'like "32,64" (or "" for the default)'
+            )
 
 
 def _ints(text: Any) -> tuple[int, ...]:
@@ -145,8 +229,22 @@ def _split(
 
 
 def split_from_config(cfg: Mapping[str, Any], num_partitions: int) -> FederatedSplit:
-    """The :class:`FederatedSplit` that the run config describes (cached per process)."""
+    """The :class:`FederatedSplit` that the run config describes (cached per process).
+
+    Raises :class:`~flwr_analytic.config_checks.ConfigError` naming ``num-partitions`` when the
+    federation has more clients than the data set has samples.
+    """
     cfg = resolve_run_config(cfg)
+    check_number("num-partitions", num_partitions, low=1, integer=True)
+    if cfg["partitioner"] != "precomputed":
+        data = load_cached_dataset(
+            str(cfg["dataset"]), str(cfg["data-path"]), str(cfg["data-split"])
+        )
+        if int(num_partitions) > len(data):
+            raise ConfigError(
+                f"num-partitions: {num_partitions} clients is not allowed for {cfg['dataset']!r} "
+                f"({cfg['data-split']}) with {len(data)} samples; allowed: 1..{len(data)}"
+            )
     return _split(
         str(cfg["dataset"]),
         str(cfg["data-path"]),

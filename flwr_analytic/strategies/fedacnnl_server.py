@@ -28,13 +28,22 @@ from flwr_analytic.fedacnnl.config import (
 )
 from flwr_analytic.models import build_module
 from flwr_analytic.strategies.fedacnnl import FedACnnL, _jsonable
+from flwr_analytic.strategies.fedacnnl_streaming import StreamingFedACnnL
 
 
 def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
     """A :class:`FedACnnL` configured by the (resolved) run config."""
     cfg = resolve_run_config(cfg)
     min_nodes = int(cfg["min-nodes"])
-    return FedACnnL(
+    kinds = {"sorted": FedACnnL, "streaming": StreamingFedACnnL}
+    if cfg["aggregation"] not in kinds:
+        raise ValueError(
+            f"run-config 'aggregation' must be one of {', '.join(kinds)}, got {cfg['aggregation']!r}"
+        )
+    extra: dict[str, Any] = {}
+    if cfg["aggregation"] == "streaming":
+        extra["max_in_flight"] = int(cfg["max-in-flight"])
+    return kinds[str(cfg["aggregation"])](
         architecture_for(cfg),
         str(cfg["scheme"]),
         gamma=float(cfg["gamma"]),
@@ -52,6 +61,8 @@ def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
         num_groups=int(cfg["num-groups"]),
+        checkpoint_path=str(cfg["checkpoint-path"]) or None,
+        **extra,
     )
 
 

@@ -26,17 +26,24 @@ from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from flwr_analytic.meta.config import local_steps_for, resolve_run_config
+from flwr_analytic.strategies.checkpoint import ResumableStartMixin
 from flwr_analytic.strategies.history import RoundHistoryMixin, personalized_metrics_aggregation
 from flwr_analytic.strategies.nu_step_meta import NuStepMetaFedAvg
 from flwr_analytic.strategies.pfedme import PFedMe
 
 
-class MeteredFedAvg(RoundHistoryMixin, FedAvg):
-    """Flower's :class:`~flwr.serverapp.strategy.FedAvg` with a per-round history."""
+class MeteredFedAvg(ResumableStartMixin, RoundHistoryMixin, FedAvg):
+    """Flower's :class:`~flwr.serverapp.strategy.FedAvg` with a per-round history.
+
+    Resumable: set ``checkpoint_path`` (see :class:`~.checkpoint.ResumableStartMixin`).
+    """
 
 
-class MeteredFedProx(RoundHistoryMixin, FedProx):
-    """Flower's :class:`~flwr.serverapp.strategy.FedProx` with a per-round history."""
+class MeteredFedProx(ResumableStartMixin, RoundHistoryMixin, FedProx):
+    """Flower's :class:`~flwr.serverapp.strategy.FedProx` with a per-round history.
+
+    Resumable: set ``checkpoint_path`` (see :class:`~.checkpoint.ResumableStartMixin`).
+    """
 
 
 def build_meta_strategy(
@@ -123,4 +130,6 @@ def build_meta_strategy(
             strategy = MeteredFedProx(**common, proximal_mu=float(cfg["proximal-mu"]))
         else:
             strategy = MeteredFedAvg(**common)
+    # a checkpoint after every round; a restarted run with the same config resumes from it
+    strategy.checkpoint_path = str(cfg.get("checkpoint-path") or "") or None  # type: ignore[attr-defined]
     return strategy, train_config, evaluate_config

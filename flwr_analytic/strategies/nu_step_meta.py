@@ -7,17 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from logging import INFO
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from flwr_analytic.config_checks import check_choice, check_number
 from flwr_analytic.meta import HESSIAN_BATCH_POLICIES, MODES
+from flwr_analytic.strategies.checkpoint import ResumableStartMixin
 from flwr_analytic.strategies.history import RoundHistoryMixin, personalized_metrics_aggregation
 
 
-class NuStepMetaFedAvg(RoundHistoryMixin, FedAvg):
+class NuStepMetaFedAvg(ResumableStartMixin, RoundHistoryMixin, FedAvg):
     r"""ν-step meta federated averaging.
 
     Implementation based on https://arxiv.org/abs/2504.21327 (the algorithm is inferred from the
@@ -101,6 +104,10 @@ class NuStepMetaFedAvg(RoundHistoryMixin, FedAvg):
         ``S``: clients report test accuracy after ``s = 0..S`` fine-tuning steps.
     finetune_batch_size : int (default: 32)
         Minibatch size of test-time fine-tuning.
+    checkpoint_path : str or Path, optional (default: None)
+        When set, ``start`` writes a checkpoint after every round (global arrays, server round,
+        Python's ``random`` state, history) and resumes from it when restarted with the same
+        configuration; see :class:`~flwr_analytic.strategies.checkpoint.ResumableStartMixin`.
 
     """
 
@@ -129,6 +136,7 @@ class NuStepMetaFedAvg(RoundHistoryMixin, FedAvg):
         delta: float = 1e-3,
         finetune_steps: int = 5,
         finetune_batch_size: int = 32,
+        checkpoint_path: str | Path | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -142,12 +150,24 @@ class NuStepMetaFedAvg(RoundHistoryMixin, FedAvg):
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn or personalized_metrics_aggregation,
         )
-        if nu < 0:
-            raise ValueError(f"nu must be >= 0, got {nu}")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-        if hessian_batches not in HESSIAN_BATCH_POLICIES:
-            raise ValueError(f"unknown hessian_batches {hessian_batches!r}")
+        # fail at construction, naming the argument and what is allowed (ConfigError: ValueError)
+        check_number("nu", nu, low=0, integer=True)
+        check_choice("mode", mode, MODES)
+        check_choice("hessian_batches", hessian_batches, HESSIAN_BATCH_POLICIES)
+        check_number("alpha", alpha, low=0.0)  # α = 0: no inner adaptation (FedAvg)
+        check_number("beta", beta, low=0.0, low_open=True)
+        check_number("delta", delta, low=0.0, low_open=True)
+        check_number("fraction_train", fraction_train, low=0.0, high=1.0, low_open=True)
+        check_number("fraction_evaluate", fraction_evaluate, low=0.0, high=1.0)
+        for key, value, low in (
+            ("local_steps", local_steps, 1),
+            ("inner_batch_size", inner_batch_size, 1),
+            ("outer_batch_size", outer_batch_size, 1),
+            ("hessian_batch_size", hessian_batch_size, 1),
+            ("finetune_steps", finetune_steps, 0),
+            ("finetune_batch_size", finetune_batch_size, 1),
+        ):
+            check_number(key, value, low=low, integer=True)
         self.nu = nu
         self.alpha = alpha
         self.beta = beta
@@ -160,6 +180,7 @@ class NuStepMetaFedAvg(RoundHistoryMixin, FedAvg):
         self.delta = delta
         self.finetune_steps = finetune_steps
         self.finetune_batch_size = finetune_batch_size
+        self.checkpoint_path = checkpoint_path
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""

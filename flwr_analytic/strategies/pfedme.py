@@ -13,10 +13,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from flwr_analytic.config_checks import check_number
+from flwr_analytic.strategies.checkpoint import ResumableStartMixin
 from flwr_analytic.strategies.history import RoundHistoryMixin, personalized_metrics_aggregation
 
 
-class PFedMe(RoundHistoryMixin, FedAvg):
+class PFedMe(ResumableStartMixin, RoundHistoryMixin, FedAvg):
     r"""Personalized FL with Moreau envelopes.
 
     Implementation based on https://arxiv.org/abs/2006.08848 (Algorithm 1).
@@ -99,6 +101,21 @@ class PFedMe(RoundHistoryMixin, FedAvg):
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn or personalized_metrics_aggregation,
         )
+        # fail at construction, naming the argument and what is allowed (ConfigError: ValueError)
+        for key, value in (("beta", beta), ("lr", lr), ("personal_lr", personal_lr)):
+            check_number(key, value, low=0.0, low_open=True)
+        check_number("lam", lam, low=0.0)
+        check_number("finetune_lr", finetune_lr, low=0.0)
+        check_number("fraction_train", fraction_train, low=0.0, high=1.0, low_open=True)
+        check_number("fraction_evaluate", fraction_evaluate, low=0.0, high=1.0)
+        for key, value, low in (
+            ("inner_steps", inner_steps, 1),
+            ("local_steps", local_steps, 1),
+            ("batch_size", batch_size, 1),
+            ("finetune_steps", finetune_steps, 0),
+            ("finetune_batch_size", finetune_batch_size, 1),
+        ):
+            check_number(key, value, low=low, integer=True)
         self.beta = beta
         self.lr = lr
         self.personal_lr = personal_lr

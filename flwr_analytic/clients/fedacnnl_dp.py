@@ -1,0 +1,69 @@
+"""Client-side differential privacy of FedACnnL statistics (the hook of the client apps).
+
+The *client's own* run config decides the noise (a server must not be able to switch it off):
+``dp-noise-multiplier`` ``z`` (0 = off), ``dp-clip-norm`` ``C`` (rows ``[a, 1]`` clipped to norm C),
+``dp-target-bound`` ``τ`` and ``dp-seed`` (−1 = OS entropy; a fixed seed makes runs reproducible and
+must be kept from the server). The released statistics are the clipped ones plus Gaussian noise
+``σ = zΔ`` (:mod:`flwr_analytic.analytic.privacy`); the client keeps its *clean* statistics for its
+own pFedACnnL personalization (they never leave it). The reply's metrics carry
+``dp-noise-multiplier`` and ``dp-clip-norm`` so the server can check them and set its ridge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr_analytic.analytic import AnalyticNetwork, LayerStatistics
+from flwr_analytic.analytic.privacy import (
+    DP_CLIP_NORM,
+    DP_NOISE_MULTIPLIER,
+    DP_SEED,
+    DP_TARGET_BOUND,
+    DPConfig,
+    private_statistics,
+)
+from flwr_analytic.data import ArrayDataset
+from flwr_analytic.fedacnnl import protocol as P
+
+
+def dp_from_config(run_config: Mapping[str, Any]) -> DPConfig:
+    """The client's :class:`DPConfig` from its run config (disabled when the keys are absent)."""
+    return DPConfig(
+        noise_multiplier=float(run_config.get(DP_NOISE_MULTIPLIER, 0.0) or 0.0),
+        clip_norm=float(run_config.get(DP_CLIP_NORM, 0.0) or 0.0),
+        target_bound=float(run_config.get(DP_TARGET_BOUND, 1.0) or 1.0),
+    )
+
+
+def release_statistics(
+    net: AnalyticNetwork,
+    layer: int,
+    train: ArrayDataset,
+    stats: LayerStatistics,
+    dp: DPConfig,
+    run_config: Mapping[str, Any],
+    partition_id: int,
+    config: Mapping[str, Any],
+) -> LayerStatistics:
+    """What the client sends: ``stats`` unchanged, or its DP release when ``dp`` is enabled."""
+    if not dp.enabled:
+        return stats
+    seed = int(run_config.get(DP_SEED, -1))
+    return private_statistics(
+        net,
+        layer,
+        train.x,
+        train.y,
+        dp,
+        seed=None if seed < 0 else seed,
+        partition_id=partition_id,
+        batch_size=int(config.get(P.BATCH_SIZE, 256)),
+    )
+
+
+def dp_metrics(dp: DPConfig) -> dict[str, float]:
+    """Reply metrics announcing the client's DP parameters (empty when DP is off)."""
+    if not dp.enabled:
+        return {}
+    return {DP_NOISE_MULTIPLIER: float(dp.noise_multiplier), DP_CLIP_NORM: float(dp.clip_norm)}
