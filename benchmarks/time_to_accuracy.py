@@ -417,11 +417,12 @@ def render(payload: dict[str, Any]) -> str:
         for m, row in s["gradient"].items():
             t = row["time-to-analytic-personal"]
             red = row["reduction-personal"]
-            red_s = (
-                f"{100 * red['reduction']:.1f}%"
-                if red["reached"]
-                else f"> {100 * red['reduction']:.1f}% (not reached)"
-            )
+            if red["reached"]:
+                red_s = f"{100 * red['reduction']:.1f}%"
+            elif red["reduction"] > 0:
+                red_s = f"> {100 * red['reduction']:.1f}% (not reached)"
+            else:
+                red_s = f"unsettled: not reached in its {row['train-time']:.0f} s budget"
             lines.append(
                 f"| {m} | {_pct(row['best-global'])} | {_pct(row['best-personal'])} | "
                 f"{_pct(row['final-personal'])} | {row['train-time']:.1f} | "
