@@ -24,13 +24,15 @@ from common import REPO, RESULTS
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
-#: benchmark script -> its JSON (rendered by the script's own ``--render``)
-RENDERED = {
-    "time_to_accuracy.py": "time_to_accuracy.json",
-    "personalization_lambda.py": "personalization_lambda.json",
-    "scale.py": "scale.json",
-    "dp_accuracy.py": "dp_accuracy.json",
-}
+#: (benchmark script, its JSON), each rendered by the script's own ``--render --out <json>``
+RENDERED = (
+    ("time_to_accuracy.py", "time_to_accuracy.json"),
+    ("time_to_accuracy.py", "time_to_accuracy_long.json"),
+    ("time_to_accuracy.py", "time_to_accuracy_r30.json"),
+    ("personalization_lambda.py", "personalization_lambda.json"),
+    ("scale.py", "scale.json"),
+    ("dp_accuracy.py", "dp_accuracy.json"),
+)
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -43,44 +45,120 @@ def _pct(x: float) -> str:
 
 
 # ----------------------------------------------------------------------------------- the claims
+def _time_verdict(rows: list[dict[str, Any]], kind: str, t_analytic: float) -> str:
+    """Verdict on "83-99% less time" against the fastest gradient method (``kind``: personal/global).
+
+    The reduction against the fastest method is the smallest per-method reduction. A method that
+    never reached the level within its budget gives only a lower bound ``1 - t_analytic / budget``;
+    when such a bound is below the smallest measured reduction, the verdict is a range.
+    """
+    reds = [r[f"reduction-{kind}"] for r in rows]
+    exact = min((r["reduction"] for r in reds if r["reached"]), default=None)
+    bound = min((r["reduction"] for r in reds if not r["reached"]), default=None)
+    need = 20 * t_analytic
+    if exact is not None and (bound is None or exact <= bound):
+        if exact >= 0.95:
+            return f"holds ({100 * exact:.0f}%, ≥ 95%)"
+        if exact >= 0.83:
+            return f"holds ({100 * exact:.0f}%), below the 95% goal"
+        return f"does not hold: {100 * exact:.0f}% against the fastest gradient method"
+    span = f"> {100 * bound:.0f}%" + (f", ≤ {100 * exact:.0f}%" if exact is not None else "")
+    if bound >= 0.95:
+        return f"holds ({span})"
+    if bound >= 0.83:
+        return (
+            f"holds in the 83–99% range ({span}); the ≥ 95% goal is unsettled (a gradient "
+            f"budget of ≥ {need:.0f} s would settle it)"
+        )
+    return f"unsettled ({span}: a longer gradient budget is needed)"
+
+
+#: time-to-accuracy runs (each measured the analytic method side by side with its gradient
+#: methods): the main run (3 analytic seeds, the two leading gradient methods for 300 rounds) and a
+#: longer FedProx run decide the verdict; a 30-round screening run of all five gradient methods
+#: (which chose the two) is quoted beside it
+TTA_FILES = ("time_to_accuracy.json", "time_to_accuracy_long.json")
+TTA_SCREEN = "time_to_accuracy_r30.json"
+
+
+def _gradient_runs(dataset: str, files: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    """Per gradient method, its summary rows over ``files`` (each with its own analytic reference)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name in files:
+        payload = _load(name)
+        if not payload or dataset not in payload["summary"]:
+            continue
+        for method, row in payload["summary"][dataset]["gradient"].items():
+            runs.setdefault(method, []).append({**row, "file": name})
+    return runs
+
+
+def _pick(rows: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """The run that speaks for a method at a level.
+
+    If some run reached the level, the one with the smallest time reduction (the most favourable
+    to the gradient method); else the one with the largest lower bound (the longest budget).
+    """
+    reached = [r for r in rows if r[f"reduction-{kind}"]["reached"]]
+    if reached:
+        return min(reached, key=lambda r: r[f"reduction-{kind}"]["reduction"])
+    return max(rows, key=lambda r: r[f"reduction-{kind}"]["reduction"])
+
+
 def claim_time() -> list[str]:
     """Claim 1: analytic FL needs 83-99% less training time (goal >= 95%)."""
-    tta = _load("time_to_accuracy.json")
+    tta = _load(TTA_FILES[0])
     if not tta:
         return ["| 1. FedACnnL cuts training time by 83–99% | not measured yet | — |"]
     rows = []
     for dataset, s in tta["summary"].items():
-        ref = s["analytic-reference"]
-        parts = []
-        for method, row in s["gradient"].items():
-            red = row["reduction-personal"]
-            if red["reached"]:
-                parts.append(f"{method} {100 * red['reduction']:.1f}%")
-            elif red["reduction"] > 0:
-                parts.append(f"{method} > {100 * red['reduction']:.1f}% (never reached)")
-            else:
-                parts.append(f"{method} never reached it (best {_pct(row['best-personal'])})")
-        if not parts:
+        ref, head = s["analytic-reference"], s["analytic"]
+        runs = _gradient_runs(dataset, TTA_FILES)
+        if not runs:
             continue
-        reached = [r for r in s["gradient"].values() if r["reduction-personal"]["reached"]]
-        worst = min(r["reduction-personal"]["reduction"] for r in s["gradient"].values())
-        best_p = max(r["best-personal"] for r in s["gradient"].values())
-        budget = max(r["train-time"] for r in s["gradient"].values())
-        if not reached and worst <= 0:
-            verdict = (
-                f"unsettled: no gradient method reached {_pct(ref['personal-accuracy'])} within its "
-                f"{budget:.0f} s budget (best {_pct(best_p)}); a longer budget is needed to get a ratio"
+        screen = {
+            m: rows[0]
+            for m, rows in _gradient_runs(dataset, (TTA_SCREEN,)).items()
+            if m not in runs
+        }
+        cells = []
+        for kind, label in (("personal", "personalized"), ("global", "global")):
+            grad = {m: _pick(rows, kind) for m, rows in runs.items()}
+            parts = []
+            for method, row in grad.items():
+                red = row[f"reduction-{kind}"]
+                if red["reached"]:
+                    parts.append(
+                        f"{method} in {row[f'time-to-analytic-{kind}']:.0f} s "
+                        f"({100 * red['reduction']:.1f}%)"
+                    )
+                else:
+                    parts.append(
+                        f"{method} not in {row['rounds']} rounds / {row['train-time']:.0f} s "
+                        f"(best {_pct(row[f'best-{kind}'])}; > {100 * red['reduction']:.1f}%)"
+                    )
+            verdict = _time_verdict(list(grad.values()), kind, ref["train-time"])
+            cells.append(
+                f"**to {label} {_pct(ref[f'{kind}-accuracy'])}**: {', '.join(parts)} → {verdict}"
             )
-        elif worst >= 0.95:
-            verdict = "holds (≥ 95%)"
-        elif worst >= 0.83:
-            verdict = "holds (83–95%)"
-        else:
-            verdict = "does not hold for every method"
+        if screen:
+            cells.append(
+                "not run longer: "
+                + ", ".join(
+                    f"{m} (best personalized {_pct(r['best-personal'])} in {r['rounds']} rounds)"
+                    for m, r in screen.items()
+                )
+                + ", behind the two leaders in the same screening run"
+            )
+        t, g, pa = head["train-time"], head["global-accuracy"], head["personal-accuracy"]
+        seed = s["analytic-reference-seed"]
         rows.append(
-            f"| 1. FedACnnL cuts training time by 83–99% ({dataset}, {tta['config']['rounds']} "
-            f"gradient rounds) | pFedACnnL {_pct(ref['personal-accuracy'])} in "
-            f"{ref['train-time']:.0f} s; gradient methods: {', '.join(parts)} | {verdict} |"
+            f"| 1. FedACnnL cuts training time by 83–99% ({dataset}, 20 clients, same CNN, Flower "
+            f"simulation) | FedACnnL {_pct(g['mean'])} ± {_pct(g['std'])} global, pFedACnnL "
+            f"{_pct(pa['mean'])} ± {_pct(pa['std'])} personalized, training {t['mean']:.0f} ± "
+            f"{t['std']:.0f} s ({len(t['values'])} seeds); the levels and reductions use seed "
+            f"{seed} ({_pct(ref['global-accuracy'])}, {_pct(ref['personal-accuracy'])}, "
+            f"{ref['train-time']:.0f} s), run beside the gradient methods | {'; '.join(cells)} |"
         )
     if not tta.get("complete", True):
         rows.append("| (time-to-accuracy run incomplete: partial results) | | |")
@@ -131,18 +209,40 @@ def claim_nu() -> list[str]:
 
 
 def claim_scale() -> list[str]:
-    """Issue goal: 1000 clients, all layers, within 10 minutes and 8 GiB."""
-    sc = _load("scale.json")
-    row = (sc or {}).get("scaled", {}).get("headline") if sc else None
-    if not row:
+    """Issue goal: 1000 clients, all layers, within 10 minutes and 8 GiB (Ray simulation)."""
+    from flwr_analytic.fedacnnl.config import DEFAULT_RUN_CONFIG  # noqa: PLC0415
+
+    sc = _load("scale.json") or {}
+    runs = [r for r in sc.get("scaled", {}).values() if isinstance(r, dict) and "wall-time" in r]
+    runs = [r for r in runs if "note" not in r]  # rows with a "note" record earlier designs
+    if not runs:
         return [
             "| Goal: 1000 clients, all layers, ≤ 10 min and ≤ 8 GiB | see the scale section | — |"
         ]
-    ok = row["wall-time"] <= 600 and row["peak-gib"] <= 8
+    largest = max(r["num-nodes"] for r in runs)
+    runs = [r for r in runs if r["num-nodes"] == largest]
+    default = DEFAULT_RUN_CONFIG["max-in-flight"]
+    row = next((r for r in runs if r.get("max-in-flight") == default), runs[0])
+    others = [r for r in runs if r is not row]
+    ok = row["peak-rss-gib"] <= 8 and row["wall-time"] <= 600
+    naive = sc.get("naive-extrapolation", {})
+    before = ""
+    if "peak-rss-gib-1000" in naive:
+        fit = " and ".join(str(n) for n in naive["fit-clients"])
+        before = (
+            f"; naive path extrapolated from {fit} clients: {naive['peak-rss-gib-1000']:.1f} GiB"
+        )
+    window = lambda r: r.get("max-in-flight") or "all"  # noqa: E731
+    also = "".join(
+        f"; {window(r)} messages in flight: {r['wall-time']:.0f} s, {r['peak-rss-gib']:.1f} GiB"
+        for r in others
+    )
     return [
-        f"| Goal: 1000 clients, all layers, ≤ 10 min and ≤ 8 GiB (Ray simulation) | "
-        f"{row['num-clients']} clients: {row['wall-time']:.0f} s, peak {row['peak-gib']:.2f} GiB | "
-        f"{'met' if ok else 'not met'} |"
+        f"| Goal: 1000 clients, all layers, ≤ 10 min and ≤ 8 GiB (Ray simulation, 2 cores) | "
+        f"{row['num-nodes']} clients, {row['aggregation']} aggregation, {window(row)} messages in "
+        f"flight: training {row['train-time']:.0f} s, whole run with the evaluation of all "
+        f"{row['num-nodes']} clients {row['wall-time']:.0f} s, peak {row['peak-rss-gib']:.2f} GiB "
+        f"(all processes){also}{before} | {'met' if ok else 'not met'} |"
     ]
 
 
@@ -195,21 +295,23 @@ def plot_nu() -> str | None:
 # ------------------------------------------------------------------------------------- output
 def benchmark_sections() -> str:
     parts = []
-    for script, name in RENDERED.items():
+    for script, name in RENDERED:
         if not (RESULTS / name).is_file():
             parts.append(f"### `{script}`\n\nNo results yet (`python benchmarks/{script}`).\n")
             continue
         payload = json.loads((RESULTS / name).read_text())
         command = payload.get("command") or payload.get("config", {}).get("command")
         out = subprocess.run(
-            [sys.executable, script, "--render"],
+            [sys.executable, script, "--render", "--out", str(RESULTS / name)],
             cwd=Path(__file__).parent,
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
-        plots = sorted(p.name for p in RESULTS.glob(name.replace(".json", "*.png")))
-        section = [f"### `{script}`", ""]
+        plots = payload.get("plots") or sorted(
+            p.name for p in RESULTS.glob(name.replace(".json", "*.png"))
+        )
+        section = [f"### `{script}` → `{name}`", ""]
         if command:
             section += [f"Command: `{command}`", ""]
         section += [out, ""]

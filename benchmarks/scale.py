@@ -8,7 +8,7 @@ raylet and workers included) is sampled with psutil every 0.5 s for the peak res
 - ``naive``: the default path (``aggregation="sorted"``: the server holds every reply and sums them
   in partition-id order; clients keep their head statistics in ``context.state``) at a few client
   counts, to extrapolate to 1000 clients.
-- ``scaled``: the scaled design (``aggregation="streaming"``: replies checked in packed form and
+- ``scaled``: the scaled design (``aggregation="streaming"``: replies checked like the sorted path and
   added to one float64 accumulator as they arrive; ``keep-statistics=false``: clients recompute
   their head statistics in the evaluation round instead of parking 10 MB per node in the
   simulation's node state) at 1000 and 100 clients.
@@ -791,7 +791,8 @@ def render(payload: dict[str, Any]) -> str:
         for _key, r in sorted(runs.items(), key=lambda kv: (kv[1]["clients"], kv[0])):
             lines.append(
                 f"| {r['aggregation']}{'' if r['keep-statistics'] else ' + recompute'}"
-                f"{' + window ' + str(r['max-in-flight']) if r.get('max-in-flight') else ''} | "
+                f"{' + window ' + str(r['max-in-flight']) if r.get('max-in-flight') else ''}"
+                f"{' (earlier design: ' + r['note'] + ')' if r.get('note') else ''} | "
                 f"{r['clients']} | {r['wall-time']:.1f} | {r['server-wall-time']:.1f} | "
                 f"{r['train-time']:.1f} | {r['client-compute-sum']:.1f} | {r['server-solve']:.2f} | "
                 f"{r['peak-rss-gib']:.2f} / {r.get('peak-pss-gib', 0):.2f} | "
@@ -961,7 +962,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fedavg-rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=15, help="≈ 1 epoch of 450 images")
     parser.add_argument(
-        "--max-in-flight", type=int, default=0, help="scaled runs: training messages in flight"
+        "--max-in-flight",
+        type=int,
+        default=64,
+        help="scaled runs: messages in flight (the app default; 0 = all at once)",
     )
     parser.add_argument(
         "--skip-reference", action="store_true", help="no in-process model to compare with"

@@ -23,9 +23,14 @@ excluded and reported separately). The time-reduction ratio is ``1 - t_analytic 
 ``t_gradient`` is the training time a gradient method needed to reach the analytic method's accuracy
 (a lower bound ``> 1 - t_analytic / t_budget`` when it never did within its budget).
 
-    python benchmarks/time_to_accuracy.py                        # both data sets, full run
-    python benchmarks/time_to_accuracy.py --quick                # digits smoke test (~2 min)
-    python benchmarks/time_to_accuracy.py --render               # tables from the JSON
+    python benchmarks/time_to_accuracy.py            # headline: both data sets, FedAvg + FedProx, 300 rounds
+    python benchmarks/time_to_accuracy.py --methods fedavg fedprox per-fedavg-fo nu2-exact pfedme \
+        --rounds 30 --evaluate-every 5 --eval-test-cap 100 --out benchmarks/results/time_to_accuracy_r30.json
+                                                     # screening run of all five gradient methods
+    python benchmarks/time_to_accuracy.py --datasets mnist --seeds 0 --methods fedprox --rounds 900 \
+        --evaluate-every 50 --out benchmarks/results/time_to_accuracy_long.json  # longer FedProx
+    python benchmarks/time_to_accuracy.py --quick    # digits smoke test (~2 min)
+    python benchmarks/time_to_accuracy.py --render   # tables from the JSON
 
 Writes ``benchmarks/results/time_to_accuracy.json`` and ``time_to_accuracy_<dataset>.png``. Run it
 under ``flock /tmp/flwr-analytic-cpu.lock`` on shared machines.
@@ -323,8 +328,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- reporting
-def plot(payload: dict[str, Any], out_dir: Path) -> list[str]:
-    """One PNG per data set: personalized and global accuracy vs training time and vs bytes."""
+def plot(payload: dict[str, Any], out: Path) -> list[str]:
+    """One PNG per data set (``<out stem>_<dataset>.png``): accuracy vs training time and vs bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,7 +382,7 @@ def plot(payload: dict[str, Any], out_dir: Path) -> list[str]:
             f"Time to accuracy on {dataset} (20 clients, Dirichlet 0.1, Flower simulation)"
         )
         fig.tight_layout()
-        path = out_dir / f"time_to_accuracy_{dataset}.png"
+        path = out.parent / f"{out.stem}_{dataset}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path.name)
@@ -386,6 +391,15 @@ def plot(payload: dict[str, Any], out_dir: Path) -> list[str]:
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}"
+
+
+def _reach(t: float | None, red: dict[str, Any], budget: float) -> str:
+    """Table cell: time to reach a level and the time reduction (a lower bound when not reached)."""
+    if red["reached"]:
+        return f"{t:.1f} s ({100 * red['reduction']:.1f}%)"
+    if red["reduction"] > 0:
+        return f"not reached in {budget:.0f} s (> {100 * red['reduction']:.1f}%)"
+    return f"not reached in {budget:.0f} s (unsettled)"
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -405,7 +419,8 @@ def render(payload: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             "| method | best global % | best personalized % | final personalized % | "
-            "training s | MB | time to pFedACnnL's accuracy | time reduction |"
+            "training s | MB | to FedACnnL's global accuracy: time (reduction) | "
+            "to pFedACnnL's personalized accuracy: time (reduction) |"
         )
         lines.append("|---|---|---|---|---|---|---|---|")
         lines.append(
@@ -415,18 +430,14 @@ def render(payload: dict[str, Any]) -> str:
             f"{(ref['bytes-down'] + ref['bytes-up']) / 1e6:.1f} | — | — |"
         )
         for m, row in s["gradient"].items():
-            t = row["time-to-analytic-personal"]
-            red = row["reduction-personal"]
-            if red["reached"]:
-                red_s = f"{100 * red['reduction']:.1f}%"
-            elif red["reduction"] > 0:
-                red_s = f"> {100 * red['reduction']:.1f}% (not reached)"
-            else:
-                red_s = f"unsettled: not reached in its {row['train-time']:.0f} s budget"
+            cells = [
+                _reach(row[f"time-to-analytic-{kind}"], row[f"reduction-{kind}"], row["train-time"])
+                for kind in ("global", "personal")
+            ]
             lines.append(
-                f"| {m} | {_pct(row['best-global'])} | {_pct(row['best-personal'])} | "
-                f"{_pct(row['final-personal'])} | {row['train-time']:.1f} | "
-                f"{row['bytes'] / 1e6:.1f} | {'—' if t is None else f'{t:.1f} s'} | {red_s} |"
+                f"| {m} ({row['rounds']} rounds) | {_pct(row['best-global'])} | "
+                f"{_pct(row['best-personal'])} | {_pct(row['final-personal'])} | "
+                f"{row['train-time']:.1f} | {row['bytes'] / 1e6:.1f} | {cells[0]} | {cells[1]} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -443,8 +454,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         default=[0, 1, 2],
         help="FedACnnL seeds (the gradient methods run the first seed)",
     )
-    parser.add_argument("--methods", nargs="+", default=list(GRADIENT_METHODS))
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["fedavg", "fedprox"],
+        choices=list(GRADIENT_METHODS),
+        help="gradient methods (default: the two leaders of the 30-round screening run)",
+    )
+    parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--fraction-train", type=float, default=0.25)
     parser.add_argument("--grad-budget", type=float, default=10)
     parser.add_argument(
@@ -455,8 +472,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     )
     parser.add_argument("--beta", type=float, default=0.1, help="outer / local SGD rate")
     parser.add_argument("--finetune-steps", type=int, default=5)
-    parser.add_argument("--evaluate-every", type=int, default=5)
-    parser.add_argument("--eval-test-cap", type=int, default=100)
+    parser.add_argument("--evaluate-every", type=int, default=20)
+    parser.add_argument(
+        "--eval-test-cap",
+        type=int,
+        default=0,
+        help="score at most this many test rows per client (0: all, like the analytic method)",
+    )
     parser.add_argument("--lam", type=float, default=0.1)
     parser.add_argument(
         "--quick", action="store_true", help="digits (10 clients, Dirichlet 0.5), 1 seed, 3 methods"
@@ -526,7 +548,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 flush=True,
             )
     payload = save(runs, config, out, t0, complete=True)
-    payload["plots"] = plot(payload, out.parent)
+    payload["plots"] = plot(payload, out)
     write_json(out, payload)
     print(render(payload))
     print(f"saved {out}")

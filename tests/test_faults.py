@@ -36,6 +36,7 @@ from flwr_analytic.models import cnn, linear, mlp
 from flwr_analytic.strategies import FedACnnL, InProcessGrid, run_meta, run_meta_in_process
 from flwr_analytic.strategies.checkpoint import CheckpointMismatchError, read_checkpoint
 from flwr_analytic.strategies.fedacnnl_server import arrays_digest
+from flwr_analytic.strategies.fedacnnl_streaming import StreamingFedACnnL
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 pytestmark = pytest.mark.faults
@@ -58,12 +59,16 @@ class FaultyGrid(LocalGrid):
         Probability that any message of any call gets no reply (seeded by ``fault_seed``).
     kill_at : int, optional
         The call that raises :class:`ServerKilled` (the server process dies).
+    in_partition_order : bool
+        Return the replies sorted by partition id instead of shuffled (a known arrival order, so
+        the streaming strategy's arrival-order sums can be predicted bit for bit).
 
     """
 
     def __init__(self, client_app, num_nodes, *, faults=None, drop_prob=0.0, fault_seed=0,
-                 kill_at=None, **kwargs):  # fmt: skip
+                 kill_at=None, in_partition_order=False, **kwargs):  # fmt: skip
         super().__init__(client_app, num_nodes, **kwargs)
+        self.in_partition_order = in_partition_order
         self.faults = faults or {}
         self.drop_prob = drop_prob
         self.fault_rng = random.Random(fault_seed)
@@ -103,6 +108,8 @@ class FaultyGrid(LocalGrid):
             replies.append(self._call(msg))
         self.dropped.append(sorted(dropped))
         self._rng.shuffle(replies)
+        if self.in_partition_order:
+            replies.sort(key=lambda m: self.partition[m.metadata.src_node_id])
         return replies
 
 
@@ -117,9 +124,19 @@ def _app(data, split):
     return make_fedacnnl_client_app(_loader(data, split))
 
 
-def _strategy(arch, scheme="label-pca", **kwargs):
+def _strategy(arch, scheme="label-pca", streaming=False, **kwargs):
     base = {"seed": 3, "min_train_nodes": 2, "min_available_nodes": 2, "fraction_evaluate": 0.0}
-    return FedACnnL(arch, scheme, **{**base, **kwargs})
+    return (StreamingFedACnnL if streaming else FedACnnL)(arch, scheme, **{**base, **kwargs})
+
+
+def _start(strategy, grid):
+    """Run ``strategy`` on a fault-injecting grid.
+
+    The fault grids inject through ``send_and_receive``; ``StreamingFedACnnL.start`` would wrap them
+    in its push/pull reply stream (tested in ``test_fedacnnl_streaming.py``), so the loop of
+    :meth:`FedACnnL.start` is used to hand the streaming aggregation the faulty replies directly.
+    """
+    return FedACnnL.start(strategy, grid)
 
 
 def _clients(data, split, parts):
@@ -172,13 +189,17 @@ def test_client_missing_in_every_round_equals_training_without_it(digits):
     assert entry["missing-nodes"] == [grid.node_of[drop]] and entry["partitions"] == others
 
 
-def test_client_failing_in_one_round_equals_per_layer_expectation(digits):
+@pytest.mark.parametrize("streaming", [False, True], ids=["sorted", "streaming"])
+def test_client_failing_in_one_round_equals_per_layer_expectation(digits, streaming):
     split = federated_split(digits, 4, "iid", seed=2)
     arch = cnn(digits.input_shape, 10, channels=(4, 8))
     # round 2 (layer 1): partition 1 errors; round 3 (output): partition 3 disconnects
-    grid = FaultyGrid(_app(digits, split), 4, faults={2: {1: "error"}, 3: {3: "disconnect"}})
-    strategy = _strategy(arch, min_train_nodes=4)
-    result = strategy.start(grid)
+    # (streaming sums in arrival order: replies arrive in partition order, so the sums are the
+    # sorted strategy's, bit for bit)
+    faults = {2: {1: "error"}, 3: {3: "disconnect"}}
+    grid = FaultyGrid(_app(digits, split), 4, faults=faults, in_partition_order=streaming)
+    strategy = _strategy(arch, min_train_nodes=4, streaming=streaming)
+    result = _start(strategy, grid)
     expected = _expected_per_layer(
         arch, "label-pca", digits, split, [[0, 1, 2, 3], [0, 2, 3], [0, 1, 2]]
     )
@@ -190,16 +211,27 @@ def test_client_failing_in_one_round_equals_per_layer_expectation(digits):
     assert "injected client failure" in strategy.history[1]["rejected"][0]["reason"]
 
 
-def test_retry_completes_layer_with_the_union_of_attempts(digits):
+@pytest.mark.parametrize("streaming", [False, True], ids=["sorted", "streaming"])
+def test_retry_completes_layer_with_the_union_of_attempts(digits, streaming):
     split = federated_split(digits, 3, "iid", seed=0)
     arch = mlp(digits.input_shape, 10, hidden=16)
     honest = _strategy(arch, min_train_nodes=3)
     honest_result = honest.start(LocalGrid(_app(digits, split), 3, seed=1))
     # layer 1's first attempt (round 2) misses partition 0: 2 < 3 valid replies -> retry (round 3)
-    grid = FaultyGrid(_app(digits, split), 3, faults={2: {0: "timeout"}}, seed=1)
-    strategy = _strategy(arch, min_train_nodes=3, min_valid_replies=3, max_retries=1)
-    result = strategy.start(grid)
-    assert arrays_digest(result.arrays) == arrays_digest(honest_result.arrays)
+    grid = FaultyGrid(
+        _app(digits, split), 3, faults={2: {0: "timeout"}}, seed=1, in_partition_order=streaming
+    )
+    strategy = _strategy(
+        arch, min_train_nodes=3, min_valid_replies=3, max_retries=1, streaming=streaming
+    )
+    result = _start(strategy, grid)
+    if streaming:  # the carried sum of partitions 1, 2 plus the retry's partition 0
+        expected = _expected_per_layer(arch, "label-pca", digits, split, [[0, 1, 2], [1, 2, 0]])
+        for w, ref in zip(strategy.net.weights, expected.weights, strict=True):
+            np.testing.assert_array_equal(w, ref)
+        assert strategy.history[1]["missing-nodes"] == [grid.node_of[0]]
+    else:
+        assert arrays_digest(result.arrays) == arrays_digest(honest_result.arrays)
     assert [m["layer"] for m in result.train_metrics_clientapp.values()] == [0, 1, 1]
     retry = strategy.history[2]
     # the retry asked only the node that had not answered; the other two replies were kept

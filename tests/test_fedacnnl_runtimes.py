@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rounding import TOL, output_rounding_bound
 
 from flwr_analytic.fedacnnl.launch import (
     LocalDeployment,
@@ -201,8 +202,12 @@ def test_legacy_numpyclient_and_strategy_under_ray(tmp_path, monkeypatch, digits
     (strategy,) = strategies
     ref = AnalyticNetwork(arch, seed=2)
     fit_federated(ref, [(digits.x[i], digits.y[i]) for i in split.train])
-    for w, r in zip(strategy.net.weights, ref.weights, strict=True):
-        assert np.abs(w - r).max() <= 1e-9 * np.abs(r).max()
+    # hidden layers to 1e-9; the ill-conditioned ridge head to rounding times its condition number
+    # (the Ray clients' BLAS runs one thread, the reference two: another summation order)
+    last = strategy.core.layer_statistics[arch.num_layers - 1]
+    bounds = [TOL] * (arch.num_layers - 1) + [output_rounding_bound(strategy.net, last)]
+    for w, r, bound in zip(strategy.net.weights, ref.weights, bounds, strict=True):
+        assert np.abs(w - r).max() <= bound * np.abs(r).max()
     assert strategy.evaluation["num-clients"] == 5
     assert strategy.evaluation["num-stats-reused"] == 5
     assert strategy.evaluation["personal-accuracy"] > 0.5

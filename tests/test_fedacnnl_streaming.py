@@ -2,7 +2,8 @@
 
 The streaming server adds each reply to one float64 accumulator as it arrives; the model must equal
 the sorted (hold-everything) server's to float64 rounding, whatever the window of messages in
-flight, and bad replies must be rejected by the packed-form checks as the unpacked checks do.
+flight. Its checks of bad replies, dropouts and retries run in ``test_bad_input.py`` and
+``test_faults.py`` (parametrized over both strategies).
 """
 
 from __future__ import annotations
@@ -11,17 +12,13 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from flwr_analytic.analytic import LayerStatistics, StatisticsError, fit_federated
+from flwr_analytic.analytic import fit_federated
 from flwr_analytic.clients.fedacnnl_client import _keep_statistics, make_fedacnnl_client_app
 from flwr_analytic.fedacnnl import LocalGrid, resolve_run_config
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.fedacnnl.config import load_cached_dataset, split_from_config
 from flwr_analytic.strategies.fedacnnl_server import build_fedacnnl_strategy, run_fedacnnl
-from flwr_analytic.strategies.fedacnnl_streaming import (
-    StreamingFedACnnL,
-    check_packed,
-    diagonal_offsets,
-)
+from flwr_analytic.strategies.fedacnnl_streaming import StreamingFedACnnL
 
 BASE = {
     "dataset": "digits",
@@ -89,42 +86,6 @@ def test_recomputed_statistics_personalize_the_same(sorted_run):
     assert summary["evaluate"]["num-stats-reused"] == 0
     assert summary["model-sha256"] == ref["model-sha256"]
     assert summary["personal-accuracy"] == pytest.approx(ref["personal-accuracy"], abs=1e-12)
-
-
-def _stats(rng, dim=7, m=3, n=5):
-    a = rng.standard_normal((n, dim))
-    a[:, -1] = 1.0
-    return LayerStatistics(a.T @ a, a.T @ rng.standard_normal((n, m)), n)
-
-
-def test_check_packed_matches_unpacked_checks():
-    rng = np.random.default_rng(0)
-    stats = _stats(rng)
-    packed = stats.pack()
-    tri, cross, n = check_packed(packed, 7, 3, 5)
-    assert n == 5 and np.array_equal(cross, stats.cross)
-    assert np.array_equal(tri[diagonal_offsets(7)], np.diag(stats.gram))
-    bad = {
-        "count": ({**packed}, 7, 3, 4),
-        "shape": ({**packed}, 8, 3, 5),
-        "targets": ({**packed}, 7, 2, 5),
-    }
-    for name, (p, dim, m, num) in bad.items():
-        with pytest.raises(StatisticsError):
-            check_packed(p, dim, m, num)
-        del name
-    nan = {**packed, "gram-triu": packed["gram-triu"].copy()}
-    nan["gram-triu"][3] = np.nan
-    neg = {**packed, "gram-triu": packed["gram-triu"].copy()}
-    neg["gram-triu"][diagonal_offsets(7)[2]] = -1.0
-    rows = {**packed, "gram-triu": packed["gram-triu"].copy()}
-    rows["gram-triu"][-1] = 7.0  # 7 design rows for 5 samples
-    f32 = {**packed, "cross": packed["cross"].astype(np.float32)}
-    for p in (nan, neg, rows, f32, {k: v for k, v in packed.items() if k != "count"}):
-        with pytest.raises(StatisticsError):
-            check_packed(p, 7, 3, 5)
-        with pytest.raises(StatisticsError):
-            LayerStatistics.unpack(p).validate(7, 3)
 
 
 def test_streaming_configuration_errors():

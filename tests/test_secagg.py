@@ -491,3 +491,33 @@ def test_secagg_plus_under_ray_matches_in_process(tmp_path, monkeypatch, digits)
         assert np.array_equal(wr, wl)
     assert ray.evaluation["num-clients"] == 5
     assert ray.evaluation["personal-accuracy"] > 0.8
+
+
+def test_dp_run_config_keys_select_the_dp_strategy_through_the_app(tmp_path):
+    """``dp-*`` run-config keys switch the server app to DPFedACnnL and the clients to DP releases."""
+    from flwr_analytic.fedacnnl import resolve_run_config
+    from flwr_analytic.strategies.fedacnnl_server import build_fedacnnl_strategy, run_fedacnnl
+
+    torch.set_num_threads(1)
+    base = {"partitioner": "iid", "model": "mlp", "mlp-hidden": 32, "scheme": "random-standardized"}
+    base |= {"min-nodes": 4, "results-path": str(tmp_path / "r.json")}
+    dp = {"dp-noise-multiplier": 1.0, "dp-clip-norm": 3.0, "dp-seed": 5}
+    assert type(build_fedacnnl_strategy(base)) is FedACnnL
+    cfg = resolve_run_config(base | dp)
+    _, summary = run_fedacnnl(LocalGrid(make_fedacnnl_client_app(), 4, cfg), cfg)
+    _, plain = run_fedacnnl(LocalGrid(make_fedacnnl_client_app(), 4, base), base)
+    train = [h for h in summary["rounds"] if h["kind"] == "train"]
+    assert [h["num-valid"] for h in train] == [4, 4]
+    assert all(h["dp-ridge"] > 0 for h in train)
+    assert summary["privacy"]["epsilon"] == pytest.approx(gaussian_epsilon(math.sqrt(2), 1e-5))
+    assert "privacy" not in plain and summary["model-sha256"] != plain["model-sha256"]
+    assert 0.1 < summary["global-accuracy"] < plain["global-accuracy"] + 0.05
+    with pytest.raises(ValueError, match="aggregation = 'sorted'"):
+        build_fedacnnl_strategy(base | dp | {"aggregation": "streaming"})
+    # a SuperNode's own node config enforces the noise when the clients' run config has none
+    grid = LocalGrid(make_fedacnnl_client_app(), 4, resolve_run_config(base))
+    for node, ctx in grid.contexts.items():
+        node_config = {**dict(ctx.node_config), **dp}
+        grid.contexts[node] = Context(ctx.run_id, node, node_config, ctx.state, ctx.run_config)
+    _, enforced = run_fedacnnl(grid, cfg)
+    assert enforced["model-sha256"] == summary["model-sha256"]

@@ -54,8 +54,9 @@ otherwise regenerate and subtract the noise. Without a seed, fresh OS entropy is
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -570,3 +571,12 @@ def privacy_report(
         "epsilon-zcdp": zcdp_epsilon(mu, delta) if math.isfinite(mu) else math.inf,
         "delta": delta,
     }
+
+
+def dp_from_config(run_config: Mapping[str, Any]) -> DPConfig:
+    """The client's :class:`DPConfig` from its run config (disabled when the keys are absent)."""
+    return DPConfig(
+        noise_multiplier=float(run_config.get(DP_NOISE_MULTIPLIER, 0.0) or 0.0),
+        clip_norm=float(run_config.get(DP_CLIP_NORM, 0.0) or 0.0),
+        target_bound=float(run_config.get(DP_TARGET_BOUND, 1.0) or 1.0),
+    )

@@ -20,7 +20,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from flwr_analytic.analytic import AnalyticNetwork, LayerStatistics, personalize
-from flwr_analytic.clients.fedacnnl_dp import dp_from_config, dp_metrics, release_statistics
+from flwr_analytic.analytic.privacy import dp_from_config
+from flwr_analytic.clients.fedacnnl_dp import dp_metrics, release_statistics
 from flwr_analytic.data import ArrayDataset
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.fedacnnl.config import load_partition_from_config
@@ -248,10 +249,12 @@ def handle_train(
     keep = _keep_statistics(context)
     if keep and layer in P.personalized_layers(net, str(config.get(P.PERSONALIZE_LAYERS, "last"))):
         _keep(context, layer, P.weights_digest(net, layer), stats)
-    # optional differential privacy (run-config dp-* keys): release clipped + noised statistics
-    dp = dp_from_config(context.run_config)
+    # optional differential privacy (dp-* keys; a SuperNode's own node config overrides the run
+    # config, so a node can enforce noise whatever the server asks): release clipped + noised stats
+    dp_config = {**dict(context.run_config), **dict(context.node_config)}
+    dp = dp_from_config(dp_config)
     stats = release_statistics(
-        net, layer, train, stats, dp, context.run_config, _partition_id(context), config
+        net, layer, train, stats, dp, dp_config, _partition_id(context), config
     )
     metrics = MetricRecord(
         {

@@ -1,6 +1,8 @@
 """Client-side differential privacy of FedACnnL statistics (the hook of the client apps).
 
-The *client's own* run config decides the noise (a server must not be able to switch it off):
+The client's configuration decides the noise — its node config's ``dp-*`` keys override the run
+config's, so a SuperNode can enforce noise the server cannot switch off
+(:func:`~flwr_analytic.analytic.privacy.dp_from_config`):
 ``dp-noise-multiplier`` ``z`` (0 = off), ``dp-clip-norm`` ``C`` (rows ``[a, 1]`` clipped to norm C),
 ``dp-target-bound`` ``τ`` and ``dp-seed`` (−1 = OS entropy; a fixed seed makes runs reproducible and
 must be kept from the server). The released statistics are the clipped ones plus Gaussian noise
@@ -19,21 +21,11 @@ from flwr_analytic.analytic.privacy import (
     DP_CLIP_NORM,
     DP_NOISE_MULTIPLIER,
     DP_SEED,
-    DP_TARGET_BOUND,
     DPConfig,
     private_statistics,
 )
 from flwr_analytic.data import ArrayDataset
 from flwr_analytic.fedacnnl import protocol as P
-
-
-def dp_from_config(run_config: Mapping[str, Any]) -> DPConfig:
-    """The client's :class:`DPConfig` from its run config (disabled when the keys are absent)."""
-    return DPConfig(
-        noise_multiplier=float(run_config.get(DP_NOISE_MULTIPLIER, 0.0) or 0.0),
-        clip_norm=float(run_config.get(DP_CLIP_NORM, 0.0) or 0.0),
-        target_bound=float(run_config.get(DP_TARGET_BOUND, 1.0) or 1.0),
-    )
 
 
 def release_statistics(

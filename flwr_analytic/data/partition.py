@@ -128,10 +128,20 @@ def partition_indices(
         partitioner.dataset = _labels_dataset(labels)
     else:
         raise ValueError(f"unknown partitioner {method!r}; allowed: iid, dirichlet, pathological")
-    return [
-        np.sort(np.asarray(partitioner.load_partition(k)["index"], dtype=np.int64))
-        for k in range(num_partitions)
-    ]
+    try:
+        return [
+            np.sort(np.asarray(partitioner.load_partition(k)["index"], dtype=np.int64))
+            for k in range(num_partitions)
+        ]
+    except ValueError as exc:
+        if method != "dirichlet" or "attempts" not in str(exc):
+            raise
+        raise ValueError(
+            f"Dirichlet(alpha={alpha}) could not give each of the {num_partitions} partitions at "
+            f"least min-partition-size={min_partition_size} of the {len(labels)} rows "
+            f"(flwr-datasets: {exc}); lower min-partition-size, raise dirichlet-alpha or use "
+            "fewer partitions"
+        ) from exc
 
 
 def train_test_indices(

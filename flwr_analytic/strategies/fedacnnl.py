@@ -677,10 +677,7 @@ class FedACnnL(Strategy):
         Returns ``(None, metrics)`` when fewer than ``min_valid_replies`` replies were valid.
         """
         layer = self.net.solved_layers
-        entry = self._pending or {"round": server_round, "kind": "train", "layer": layer}
-        self._pending = None
-        entry.setdefault("t0", time.perf_counter())
-        entry.setdefault("bytes-sent", 0)
+        entry = self._train_entry(server_round)
         valid: list[tuple[tuple[Any, ...], LayerStatistics]] = []
         received = 0
         replies = list(replies)
@@ -702,22 +699,7 @@ class FedACnnL(Strategy):
             if key[0] == 0:
                 self.node_partitions[int(key[2])] = int(key[1])
         replied = {int(msg.metadata.src_node_id) for msg in replies}
-        missing = sorted(set(entry.pop("sent-nodes", [])) - replied)
-        num_missing = max(len(missing), entry.get("num-sent", len(replies)) - len(replies))
-        self._name_absent(entry, "failed", sorted(failed))
-        if num_missing:
-            entry["num-missing"] = num_missing
-            self._name_absent(entry, "missing", missing)
-            log(
-                WARNING,
-                "aggregate_train: %d replies missing (timeout or disconnect): partitions %s, "
-                "nodes %s",
-                num_missing,
-                entry.get("missing-partitions", []),
-                missing,
-            )
-            if not self.accept_failures:
-                raise RuntimeError(f"{num_missing} replies missing (accept_failures=False)")
+        num_missing = self._record_absent(entry, replied, len(replies), failed)
         if self._carry is not None and self._carry[0] == layer:
             entry["num-carried"] = len(self._carry[1])
             valid = [*self._carry[1], *valid]
@@ -735,22 +717,67 @@ class FedACnnL(Strategy):
         )
         entry["solved"] = solved
         self.history.append(entry)
+        return arrays, self._train_metrics(entry, layer, num_missing, len(failed))
+
+    def _train_entry(self, server_round: int) -> dict[str, Any]:
+        """The history entry of this training round (opened by ``configure_train``), timer on."""
+        entry = self._pending or {
+            "round": server_round,
+            "kind": "train",
+            "layer": self.net.solved_layers,
+        }
+        self._pending = None
+        entry.setdefault("t0", time.perf_counter())
+        entry.setdefault("bytes-sent", 0)
+        return entry
+
+    def _record_absent(
+        self, entry: dict[str, Any], replied: set[int], num_replies: int, failed: list[int]
+    ) -> int:
+        """Name the failed and the missing clients of a training round in ``entry``.
+
+        Missing: sent a message (``sent-nodes``) but no reply by the timeout. Returns their number;
+        raises ``RuntimeError`` if there are some and ``accept_failures`` is False.
+        """
+        missing = sorted(set(entry.pop("sent-nodes", [])) - replied)
+        num_missing = max(len(missing), entry.get("num-sent", num_replies) - num_replies)
+        self._name_absent(entry, "failed", sorted(failed))
+        if num_missing:
+            entry["num-missing"] = num_missing
+            self._name_absent(entry, "missing", missing)
+            log(
+                WARNING,
+                "aggregate_train: %d replies missing (timeout or disconnect): partitions %s, "
+                "nodes %s",
+                num_missing,
+                entry.get("missing-partitions", []),
+                missing,
+            )
+            if not self.accept_failures:
+                raise RuntimeError(f"{num_missing} replies missing (accept_failures=False)")
+        return num_missing
+
+    @staticmethod
+    def _train_metrics(
+        entry: dict[str, Any], layer: int, num_missing: int, num_failed: int
+    ) -> MetricRecord:
+        """The training round's ``MetricRecord`` (counts, bytes, time, absent clients by name)."""
         values: dict[str, Any] = {
             P.LAYER: layer,
             "num-clients": int(entry["num-valid"]),
             "num-rejected": len(entry.get("rejected", [])),
             "num-examples": int(entry.get("num-examples", 0)),
             "bytes-sent": int(entry["bytes-sent"]),
-            "bytes-received": int(received),
+            "bytes-received": int(entry["bytes-received"]),
             "round-time": float(entry["round-time"]),
             "num-missing": int(num_missing),
-            "num-failed": len(failed),
+            "num-failed": int(num_failed),
         }
         for kind in ("missing", "failed"):
             for who in ("nodes", "partitions"):
                 if entry.get(f"{kind}-{who}"):
                     values[f"{kind}-{who}"] = [int(v) for v in entry[f"{kind}-{who}"]]
-        return arrays, MetricRecord(values)
+        return MetricRecord(values)
 
     def _name_absent(self, entry: dict[str, Any], kind: str, nodes: list[int]) -> None:
         """Record ``{kind}-nodes`` and the known ``{kind}-partitions`` of absent clients."""

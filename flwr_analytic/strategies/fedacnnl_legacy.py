@@ -117,9 +117,7 @@ class FedACnnLLegacy(LegacyStrategy):
         """Check every result, sum in ``partition-id`` order and solve the layer."""
         core = self.core
         layer = core.net.solved_layers
-        entry = core._pending or {"round": server_round, "kind": "train", "layer": layer}  # noqa: SLF001
-        core._pending = None  # noqa: SLF001
-        entry.setdefault("t0", time.perf_counter())
+        entry = core._train_entry(server_round)  # noqa: SLF001
         for failure in failures:
             core._reject(entry, -1, f"client failure: {failure!r}")  # noqa: SLF001
         valid = []

@@ -116,9 +116,7 @@ class FedACnnLSecAgg(FedACnnLLegacy):
         """Decode the SecAgg+ sum, check it and solve the layer."""
         core = self.core
         layer = core.net.solved_layers
-        entry = core._pending or {"round": server_round, "kind": "train", "layer": layer}  # noqa: SLF001
-        core._pending = None  # noqa: SLF001
-        entry.setdefault("t0", time.perf_counter())
+        entry = core._train_entry(server_round)  # noqa: SLF001
         # Flower 1.41's SecAggPlusWorkflow lists a client failing in the masked-vector stage twice
         # (two Exception objects wrapping the same reply error): count each error once
         unique = {id(f.args[0] if getattr(f, "args", None) else f): f for f in failures}

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
+from flwr_analytic.analytic.privacy import dp_from_config
 from flwr_analytic.fedacnnl.config import (
     architecture_for,
     load_cached_dataset,
@@ -28,22 +29,38 @@ from flwr_analytic.fedacnnl.config import (
 )
 from flwr_analytic.models import build_module
 from flwr_analytic.strategies.fedacnnl import FedACnnL, _jsonable
+from flwr_analytic.strategies.fedacnnl_dp import DPFedACnnL
 from flwr_analytic.strategies.fedacnnl_streaming import StreamingFedACnnL
 
 
 def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
-    """A :class:`FedACnnL` configured by the (resolved) run config."""
+    """The FedACnnL strategy the (resolved) run config asks for.
+
+    ``aggregation = "sorted"`` gives :class:`FedACnnL`, ``"streaming"``
+    :class:`StreamingFedACnnL`; ``dp-noise-multiplier > 0`` gives :class:`DPFedACnnL` (sorted
+    aggregation only), whose checks and public ridge match clients that release Gaussian-noised
+    statistics with the same ``dp-noise-multiplier`` / ``dp-clip-norm`` / ``dp-target-bound``.
+    """
     cfg = resolve_run_config(cfg)
     min_nodes = int(cfg["min-nodes"])
-    kinds = {"sorted": FedACnnL, "streaming": StreamingFedACnnL}
+    kinds: dict[str, type[FedACnnL]] = {"sorted": FedACnnL, "streaming": StreamingFedACnnL}
     if cfg["aggregation"] not in kinds:
         raise ValueError(
             f"run-config 'aggregation' must be one of {', '.join(kinds)}, got {cfg['aggregation']!r}"
         )
+    cls = kinds[str(cfg["aggregation"])]
     extra: dict[str, Any] = {}
     if cfg["aggregation"] == "streaming":
         extra["max_in_flight"] = int(cfg["max-in-flight"])
-    return kinds[str(cfg["aggregation"])](
+    dp = dp_from_config(cfg)
+    if dp.enabled:
+        if cfg["aggregation"] != "sorted":
+            raise ValueError(
+                "run-config 'dp-noise-multiplier' > 0 needs aggregation = 'sorted' "
+                f"(got {cfg['aggregation']!r}): DPFedACnnL sums the replies in partition order"
+            )
+        cls, extra["dp"] = DPFedACnnL, dp
+    return cls(
         architecture_for(cfg),
         str(cfg["scheme"]),
         gamma=float(cfg["gamma"]),
@@ -108,8 +125,8 @@ def run_fedacnnl(
     (Result, summary)
         Flower's result and the JSON-able summary: run config, architecture, per-round history
         (layer, clients, bytes sent/received, wall time), the aggregated evaluation (global and
-        personalized accuracy/loss: weighted, client mean/std/min/p10, per client), totals and the
-        SHA-256 of the final model.
+        personalized accuracy/loss: weighted, client mean/std/min/p10, per client), totals, the
+        SHA-256 of the final model and, with ``dp-noise-multiplier > 0``, the privacy report.
 
     """
     cfg = resolve_run_config(run_config)
@@ -145,6 +162,8 @@ def run_fedacnnl(
         "bytes-received": int(sum(e.get("bytes-received", 0) for e in history)),
         "model-sha256": arrays_digest(result.arrays),
     }
+    if isinstance(strategy, DPFedACnnL):  # each client's (ε, δ) over the released layers
+        summary["privacy"] = strategy.privacy()
     summary = _jsonable(summary)
     if cfg["results-path"]:
         path = Path(str(cfg["results-path"]))
