@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # flower_processes
 from common import RESULTS, SHARED_DATA, environment, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve()
@@ -201,8 +202,7 @@ def _serde_local_grid(client_app: Any, num_nodes: int, cfg: dict[str, Any], seed
 def child_flower(spec: dict[str, Any]) -> dict[str, Any]:
     """One FedACnnL run through Flower (``ray`` or ``local``); returns timings and the summary."""
     import torch
-
-    from flwr_analytic.fedacnnl.launch import flower_env, stop_owned_processes
+    from flower_processes import flower_env, stop_owned_processes
 
     base = Path(spec["base"])
     for key, value in flower_env(base).items():
@@ -327,7 +327,7 @@ def child_inprocess(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_fedavg(spec: dict[str, Any]) -> dict[str, Any]:
     """FedAvg (``apps/meta``) through Ray; returns the per-round history and step stamps."""
-    from flwr_analytic.fedacnnl.launch import flower_env, stop_owned_processes
+    from flower_processes import flower_env, stop_owned_processes
 
     base = Path(spec["base"])
     for key, value in flower_env(base).items():
@@ -431,8 +431,7 @@ CHILDREN = {
 def _tree(pid: int, base: Path) -> list[Any]:
     """The child, its descendants, and any process owned by its Flower/Ray directory."""
     import psutil
-
-    from flwr_analytic.fedacnnl.launch import owned_processes
+    from flower_processes import owned_processes
 
     procs: dict[int, Any] = {}
     try:
@@ -454,8 +453,7 @@ def _tree(pid: int, base: Path) -> list[Any]:
 def run_child(kind: str, spec: dict[str, Any], log_dir: Path, interval: float = 0.5) -> dict:
     """Run ``kind`` in a child process; sample its process tree's RSS every ``interval`` s."""
     import psutil
-
-    from flwr_analytic.fedacnnl.launch import stop_owned_processes
+    from flower_processes import stop_owned_processes
 
     with tempfile.TemporaryDirectory(prefix="flwr-scale-") as tmp:
         base = Path(tmp)

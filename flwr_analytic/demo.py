@@ -65,16 +65,41 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "total_seconds": time.perf_counter() - start,
         "upload_floats": float(sum(fit.upload_floats)),
     }
-    print(
-        f"sample-weighted accuracy: global {result['global_accuracy']:.2%}, "
-        f"personalized {result['personalized_accuracy']:.2%}"
-    )
-    print(
+    print_headline(
+        result["global_accuracy"],
+        result["personalized_accuracy"],
         f"training {train_time:.1f} s ({arch.num_layers} layer rounds, "
         f"{result['upload_floats'] * 8 / 1e6:.1f} MB uploaded in float64); "
-        f"total {result['total_seconds']:.1f} s"
+        f"total {result['total_seconds']:.1f} s",
     )
     return result
+
+
+def print_headline(
+    global_accuracy: float,
+    personalized_accuracy: float,
+    cost: str,
+    *,
+    measure: str = "accuracy",
+    personalized: str = "personalized",
+) -> None:
+    """Print the closing lines of a run: sample-weighted global vs personalized accuracy, then cost.
+
+    Parameters
+    ----------
+    global_accuracy, personalized_accuracy : float
+        Sample-weighted test accuracy of the global and of the personalized models.
+    cost : str
+        The line printed after the accuracies (time, bytes).
+    measure, personalized : str
+        How the accuracy and the personalized models are named.
+
+    """
+    print(
+        f"sample-weighted {measure}: global {global_accuracy:.2%}, "
+        f"{personalized} {personalized_accuracy:.2%}"
+    )
+    print(cost)
 
 
 def cli() -> None:

@@ -609,7 +609,7 @@ def test_run_config_typos_name_the_closest_key():
         resolve_run_config({"gama": 1.0})
     with pytest.raises(KeyError, match="did you mean 'hidden-gamma'"):
         resolve_run_config({"hiden-gamma": 1.0})
-    with pytest.warns(UserWarning, match="'nuu'; did you mean 'nu'"):
+    with pytest.raises(KeyError, match="'nuu'; did you mean 'nu'"):
         resolve_meta({"nuu": 3})
     assert closest_key("lamda", ["lam", "gamma", "seed"]) == "lam"
     assert closest_key("zzz", ["lam", "gamma"]) is None

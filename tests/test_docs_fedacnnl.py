@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from flwr_analytic.fedacnnl.launch import flower_env, stop_owned_processes
+from flower_processes import flower_env, stop_owned_processes
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "flower_quickstart.md"
 

@@ -35,8 +35,9 @@ from flwr_analytic.fedacnnl import LocalGrid
 from flwr_analytic.models import cnn, linear, mlp
 from flwr_analytic.strategies import FedACnnL, InProcessGrid, run_meta, run_meta_in_process
 from flwr_analytic.strategies.checkpoint import CheckpointMismatchError, read_checkpoint
+from flwr_analytic.strategies.checkpointing import Checkpointed
 from flwr_analytic.strategies.fedacnnl_server import arrays_digest
-from flwr_analytic.strategies.fedacnnl_streaming import StreamingFedACnnL
+from flwr_analytic.strategies.wrapper import StrategyWrapper
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 pytestmark = pytest.mark.faults
@@ -124,19 +125,27 @@ def _app(data, split):
     return make_fedacnnl_client_app(_loader(data, split))
 
 
-def _strategy(arch, scheme="label-pca", streaming=False, **kwargs):
+def _strategy(arch, scheme="label-pca", streaming=False, checkpoint_path=None, **kwargs):
     base = {"seed": 3, "min_train_nodes": 2, "min_available_nodes": 2, "fraction_evaluate": 0.0}
-    return (StreamingFedACnnL if streaming else FedACnnL)(arch, scheme, **{**base, **kwargs})
+    aggregation = "streaming" if streaming else "sorted"
+    strategy = FedACnnL(arch, scheme, aggregation=aggregation, **{**base, **kwargs})
+    return strategy if checkpoint_path is None else Checkpointed(strategy, checkpoint_path)
+
+
+class DirectReplies(StrategyWrapper):
+    """Hand the aggregation the grid's own ``send_and_receive`` replies (no reply stream).
+
+    The fault grids inject through ``send_and_receive``; streaming aggregation would read replies
+    through its push/pull reply stream (tested in ``test_fedacnnl_streaming.py``).
+    """
+
+    def reply_grid(self, grid):
+        return grid
 
 
 def _start(strategy, grid):
-    """Run ``strategy`` on a fault-injecting grid.
-
-    The fault grids inject through ``send_and_receive``; ``StreamingFedACnnL.start`` would wrap them
-    in its push/pull reply stream (tested in ``test_fedacnnl_streaming.py``), so the loop of
-    :meth:`FedACnnL.start` is used to hand the streaming aggregation the faulty replies directly.
-    """
-    return FedACnnL.start(strategy, grid)
+    """Run ``strategy`` on a fault-injecting grid (streaming sees the faulty replies directly)."""
+    return DirectReplies(strategy).start(grid)
 
 
 def _clients(data, split, parts):
@@ -252,7 +261,7 @@ def test_too_few_replies_after_retries_raise_and_keep_solved_layers(digits, tmp_
     assert "min_valid_replies=3" in str(exc.value) and "partitions [0]" in str(exc.value)
     assert strategy.net.solved_layers == 1 and strategy.net.weights[0] is not None
     # the solved layer is in the checkpoint; a restart with a healthy grid finishes the model
-    arrays, meta = read_checkpoint(path, FedACnnL.CHECKPOINT_FORMAT)
+    arrays, meta = read_checkpoint(path, Checkpointed.FORMAT)
     assert meta["solved-layers"] == 1 and "gram-0" in arrays
     np.testing.assert_array_equal(arrays["weight-0"], strategy.net.weights[0])
     resumed = _strategy(arch, min_train_nodes=3, checkpoint_path=path)
@@ -297,7 +306,9 @@ def test_server_restart_resumes_bit_identical(digits, tmp_path, kill_at):
     grid = FaultyGrid(_app(digits, split), 4, kill_at=kill_at, seed=0)
     with pytest.raises(ServerKilled):
         _strategy(arch, checkpoint_path=path, **kw).start(grid)
-    assert read_checkpoint(path, FedACnnL.CHECKPOINT_FORMAT)[1]["solved-layers"] == kill_at - 1
+    # a checkpoint at the end of every round: killed in round r, the run resumes after round r - 1
+    # (the evaluation is in the round of the last layer: killed there, that layer is solved again)
+    assert read_checkpoint(path, Checkpointed.FORMAT)[1]["solved-layers"] == min(kill_at - 1, 2)
     assert not (tmp_path / "fedacnnl.npz.tmp").exists()
     # a fresh server process: new strategy object, new node ids
     fresh = _strategy(arch, checkpoint_path=path, **kw)
@@ -339,7 +350,7 @@ def test_resume_refuses_another_configuration(digits, tmp_path):
         other = mlp(digits.input_shape, 10, hidden=8)
         _strategy(other, checkpoint_path=path).start(LocalGrid(_app(digits, split), 3))
     # the refused runs did not touch the checkpoint
-    assert read_checkpoint(path, FedACnnL.CHECKPOINT_FORMAT)[1]["fingerprint"]["gamma"] == 1e-6
+    assert read_checkpoint(path, Checkpointed.FORMAT)[1]["fingerprint"]["gamma"] == 1e-6
 
 
 # ----------------------------------------------------------------------- add / remove clients
@@ -363,10 +374,10 @@ def test_add_clients_updates_output_layer_exactly(digits, tmp_path):
     np.testing.assert_array_equal(strategy.net.weights[-1], ref)
     for a, b in zip(strategy.net.weights[:-1], hidden, strict=True):
         np.testing.assert_array_equal(a, b)  # hidden layers untouched
-    assert strategy.layer_statistics[out].count == sum(len(split.train[k]) for k in range(5))
+    assert strategy.server.layer_statistics[out].count == sum(len(split.train[k]) for k in range(5))
     # the update is in the checkpoint
-    reloaded = _strategy(arch, min_train_nodes=5)
-    reloaded.load_checkpoint(path)
+    reloaded = _strategy(arch, min_train_nodes=5, checkpoint_path=path)
+    reloaded.restore()
     np.testing.assert_array_equal(reloaded.net.weights[-1], ref)
     assert reloaded.history[-1]["kind"] == "add-clients"
 
@@ -392,7 +403,9 @@ def test_remove_client_is_exact_unlearning_for_data_independent_hidden_layers(
             np.testing.assert_array_equal(w, ref)  # drawn from the seed, no data
         else:
             assert _rel(w, ref) <= 1e-9  # (ΣG) − G_k vs Σ_{i≠k} G_i: float64 rounding only
-    assert strategy.layer_statistics[out].count == sum(len(split.train[k]) for k in (0, 2, 3))
+    assert strategy.server.layer_statistics[out].count == sum(
+        len(split.train[k]) for k in (0, 2, 3)
+    )
 
 
 def test_remove_client_with_label_pca_is_exact_only_for_the_output_layer(digits):
@@ -496,10 +509,10 @@ def test_meta_strategy_resume_is_bit_identical(tmp_path, algorithm):
     grid = KilledInProcessGrid(make_meta_client_app(), 4, ckpt, kill_at=3)
     with pytest.raises(ServerKilled):
         run_meta(grid, ckpt)
-    assert read_checkpoint(path, "flwr-analytic-rounds-checkpoint/1")[1]["server-round"] == 1
+    assert read_checkpoint(path, Checkpointed.FORMAT)[1]["server-round"] == 1
     resumed, history = run_meta(InProcessGrid(make_meta_client_app(), 4, ckpt), ckpt)
     assert arrays_digest(resumed.arrays) == arrays_digest(honest.arrays)
-    assert [h["round"] for h in history] == [1, 2, 3]
+    assert [h["round"] for h in history if h["kind"] == "train"] == [1, 2, 3]
     assert sorted(resumed.evaluate_metrics_clientapp) == [2, 3]
     # beta is the meta step size (a strategy attribute) or FedAvg's local rate (train-config lr)
     with pytest.raises(CheckpointMismatchError, match=r"beta: checkpoint 0\.05|'lr': 0\.5"):

@@ -27,6 +27,7 @@ from flwr_analytic.fedacnnl import LocalGrid
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.models import build_module, cnn, mlp
 from flwr_analytic.strategies.fedacnnl import FedACnnL, aggregate_personalized_evaluation
+from flwr_analytic.strategies.metering import Metered
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -50,7 +51,7 @@ def test_strategy_equals_centralized(digits, method, kwargs):
     arch = cnn(digits.input_shape, 10, channels=(8, 16))
     grid = LocalGrid(make_fedacnnl_client_app(_loader(digits, split)), 20, seed=5)
     strategy = FedACnnL(arch, "label-pca", seed=3, min_train_nodes=20, min_available_nodes=20)
-    result = strategy.start(grid)
+    result = Metered(strategy).start(grid)  # the metering wrapper adds bytes and times
     assert len(result.train_metrics_clientapp) == arch.num_layers
 
     pooled = np.concatenate(split.train)
@@ -58,7 +59,7 @@ def test_strategy_equals_centralized(digits, method, kwargs):
         AnalyticNetwork(arch, "label-pca", seed=3), digits.x[pooled], digits.y[pooled]
     )
     *hidden, output = _rel(strategy.net.weights, ref.weights)
-    last = strategy.layer_statistics[arch.num_layers - 1]
+    last = strategy.server.layer_statistics[arch.num_layers - 1]
     bound = output_rounding_bound(strategy.net, last)
     assert max(hidden) <= TOL and output <= bound, (hidden, output, bound)
 
@@ -377,7 +378,7 @@ def test_group_wise_output_layers(digits):
         rows = np.concatenate([split.train[k] for k in members])
         stats = ref.statistics(ref.num_layers - 1, digits.x[rows], digits.y[rows])
         w = ridge_solve(stats.gram, stats.cross, ref.output_reg)
-        assert max(_rel([strategy.group_weights[g]], [w])) <= TOL
+        assert max(_rel([strategy.server.group_weights[g]], [w])) <= TOL
     ev = result.evaluate_metrics_clientapp[2]
     for key in ("group-accuracy", "group-personal-accuracy", "group-loss"):
         assert 0 <= ev[key] and len(ev[f"{key}-clients"]) == 10

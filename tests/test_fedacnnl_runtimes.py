@@ -2,7 +2,7 @@
 
 Each run is compared with the same configuration run in-process on a :class:`LocalGrid`: the
 final model must be the same (the statistics are summed in partition-id order everywhere).
-Every process started here is stopped by id at the end (see :mod:`flwr_analytic.fedacnnl.launch`).
+Every process started here is stopped by id at the end (see ``tests/flower_processes.py``).
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rounding import TOL, output_rounding_bound
-
-from flwr_analytic.fedacnnl.launch import (
+from flower_processes import (
     LocalDeployment,
     flower_env,
     flwr_run,
     owned_processes,
     stop_owned_processes,
 )
+from rounding import TOL, output_rounding_bound
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "fedacnnl"
 
@@ -204,7 +203,7 @@ def test_legacy_numpyclient_and_strategy_under_ray(tmp_path, monkeypatch, digits
     fit_federated(ref, [(digits.x[i], digits.y[i]) for i in split.train])
     # hidden layers to 1e-9; the ill-conditioned ridge head to rounding times its condition number
     # (the Ray clients' BLAS runs one thread, the reference two: another summation order)
-    last = strategy.core.layer_statistics[arch.num_layers - 1]
+    last = strategy.core.server.layer_statistics[arch.num_layers - 1]
     bounds = [TOL] * (arch.num_layers - 1) + [output_rounding_bound(strategy.net, last)]
     for w, r, bound in zip(strategy.net.weights, ref.weights, bounds, strict=True):
         assert np.abs(w - r).max() <= bound * np.abs(r).max()

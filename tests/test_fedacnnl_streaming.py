@@ -13,12 +13,11 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from flwr_analytic.analytic import fit_federated
-from flwr_analytic.clients.fedacnnl_client import _keep_statistics, make_fedacnnl_client_app
+from flwr_analytic.clients.fedacnnl_client import make_fedacnnl_client_app, resolved_context
 from flwr_analytic.fedacnnl import LocalGrid, resolve_run_config
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.fedacnnl.config import load_cached_dataset, split_from_config
 from flwr_analytic.strategies.fedacnnl_server import build_fedacnnl_strategy, run_fedacnnl
-from flwr_analytic.strategies.fedacnnl_streaming import StreamingFedACnnL
 
 BASE = {
     "dataset": "digits",
@@ -92,10 +91,8 @@ def test_streaming_configuration_errors():
     with pytest.raises(ValueError, match="aggregation"):
         build_fedacnnl_strategy({**BASE, "aggregation": "fast"})
     strategy = build_fedacnnl_strategy({**BASE, "aggregation": "streaming", "max-in-flight": 4})
-    assert isinstance(strategy, StreamingFedACnnL) and strategy.max_in_flight == 4
-    with pytest.raises(ValueError, match="num_groups"):
-        build_fedacnnl_strategy({**BASE, "aggregation": "streaming", "num-groups": 2})
-    with pytest.raises(ValueError, match="max_in_flight"):
+    assert strategy.aggregation == "streaming" and strategy.max_in_flight == 4
+    with pytest.raises(ValueError, match="max.in.flight"):
         build_fedacnnl_strategy({**BASE, "aggregation": "streaming", "max-in-flight": -1})
     context = Context(
         run_id=1,
@@ -105,4 +102,4 @@ def test_streaming_configuration_errors():
         run_config={"keep-statistics": "no"},
     )
     with pytest.raises(ValueError, match="keep-statistics"):
-        _keep_statistics(context)
+        resolved_context(context)

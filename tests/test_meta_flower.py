@@ -25,6 +25,7 @@ from flwr_analytic.meta.config import local_steps_for, resolve_run_config
 from flwr_analytic.meta.task import build_model, client_tensors, round_rng
 from flwr_analytic.strategies import (
     InProcessGrid,
+    Metered,
     NuStepMetaFedAvg,
     PFedMe,
     build_meta_strategy,
@@ -98,7 +99,8 @@ def test_strategy_sends_meta_config_in_kebab_case(grid):
         delta=1e-4,
         finetune_steps=4,
     )
-    msgs = list(strategy.configure_train(1, _initial(), ConfigRecord(), grid))
+    metered = Metered(strategy)  # bytes and times of any strategy: the metering wrapper
+    msgs = list(metered.configure_train(1, _initial(), ConfigRecord(), grid))
     assert len(msgs) == NODES
     cfg = msgs[0].content["config"]
     assert cfg["local-algorithm"] == "meta" and cfg["meta-nu"] == 3 and cfg["meta-mode"] == "exact"
@@ -106,18 +108,20 @@ def test_strategy_sends_meta_config_in_kebab_case(grid):
     sizes = (cfg["inner-batch-size"], cfg["outer-batch-size"], cfg["hessian-batch-size"])
     assert sizes == (8, 9, 10) and cfg["hessian-batches"] == "reuse"
     assert cfg["hf-delta"] == 1e-4 and cfg["server-round"] == 1
-    ev = list(strategy.configure_evaluate(1, _initial(), ConfigRecord(), grid))[0].content["config"]
+    ev = list(metered.configure_evaluate(1, _initial(), ConfigRecord(), grid))[0].content["config"]
     assert (ev["finetune-steps"], ev["finetune-lr"]) == (4, 0.02)
-    assert strategy.history[0]["bytes-down"] == 2 * NODES * sum(
-        len(a.data) for a in _initial().values()
-    )
+    size = NODES * sum(len(a.data) for a in _initial().values())
+    assert [(r["kind"], r["bytes-sent"]) for r in metered.history] == [
+        ("train", size),
+        ("evaluate", size),
+    ]
     with pytest.raises(ValueError):
         NuStepMetaFedAvg(mode="newton")
     assert isinstance(strategy, FedAvg)
 
 
 def test_aggregate_train_is_weighted_by_examples(grid):
-    strategy = NuStepMetaFedAvg()
+    strategy = Metered(NuStepMetaFedAvg())
     list(strategy.configure_train(1, _initial(), ConfigRecord(), grid))
     msgs = list(strategy.configure_train(1, _initial(), ConfigRecord(), grid))
     replies = []
@@ -133,7 +137,8 @@ def test_aggregate_train_is_weighted_by_examples(grid):
     np.testing.assert_allclose(arrays["w"].numpy(), (10 * 1.0 + 30 * 3.0) / 40)
     assert metrics["train-loss"] == pytest.approx(2.5)
     # serialized size of the two 3-float arrays (npy header included)
-    assert strategy.history[0]["bytes-up"] == 2 * len(Array(np.zeros(3, dtype=np.float32)).data)
+    assert strategy.history[0]["bytes-received"] == 2 * len(Array(np.zeros(3, dtype=np.float32)).data)
+    assert metrics["bytes-received"] == strategy.history[0]["bytes-received"]
 
 
 def test_personalized_metrics_aggregation():
@@ -279,7 +284,7 @@ def test_build_strategy_for_every_algorithm_and_equal_budget():
         strategy, train_cfg, eval_cfg = build_meta_strategy(
             {"algorithm": algo, "grad-budget": 24, "nu": 3, "mode": "exact"}
         )
-        assert isinstance(strategy, kind), algo
+        assert isinstance(strategy, Metered) and isinstance(strategy.innermost(), kind), algo
         assert eval_cfg["finetune-steps"] == (0 if algo == "fedavg" else 5)
     s, _, _ = build_meta_strategy({"algorithm": "per-fedavg-hf"})
     assert (s.nu, s.mode) == (1, "hessian-free")
@@ -300,13 +305,23 @@ def test_in_process_run_nu0_is_fedavg_and_writes_history(tmp_path):
     res_avg, _ = run_meta_in_process({**RUN, "algorithm": "fedavg-ft"}, num_nodes=NODES)
     assert _close(res_meta.arrays, res_avg.arrays)
     saved = json.loads(path.read_text())
-    assert [h["round"] for h in saved["history"]] == [1, 2]
+    assert [(h["round"], h["kind"]) for h in saved["history"]] == [
+        (1, "train"),
+        (1, "evaluate"),
+        (2, "train"),
+        (2, "evaluate"),
+    ]
     assert saved["run-config"]["nu"] == 0
     for h in saved["history"]:
-        assert h["bytes-up"] > 0 and h["bytes-down"] > h["bytes-up"] and h["round-time"] > 0
-        ev = h["evaluate"]
-        assert ev["num-clients"] == NODES and len(ev["acc-curve"]) == 4
-        assert ev["acc-client-min"] <= ev["acc-client-p10"] <= ev["acc-client-mean"]
+        assert h["bytes-sent"] > 0  # the model to every client (and back after training)
+        assert h["bytes-received"] == (h["bytes-sent"] if h["kind"] == "train" else 0)
+        assert h["round-time"] > 0 and h["num-sent"] == h["num-replies"] == NODES
+        if h["kind"] == "evaluate":
+            ev = h["metrics"]
+            assert ev["num-clients"] == NODES and len(ev["acc-curve"]) == 4
+            assert ev["acc-client-min"] <= ev["acc-client-p10"] <= ev["acc-client-mean"]
+            per_client = h["client-metrics"]["num-examples"]  # the metering wrapper's
+            assert len(per_client) == NODES and sum(per_client) == ev["num-test"]
     assert hist == saved["history"]
 
 
@@ -319,7 +334,7 @@ def test_in_process_per_fedavg_equals_meta_nu1():
     pf, hist = run_meta_in_process(
         {**RUN, "algorithm": "pfedme", "num-server-rounds": 1}, num_nodes=NODES
     )
-    assert hist[0]["train"]["grad-evals"] == pytest.approx(3 * 5)
+    assert hist[0]["kind"] == "train" and hist[0]["metrics"]["grad-evals"] == pytest.approx(3 * 5)
 
 
 def test_evaluate_every_and_test_cap():
@@ -327,9 +342,11 @@ def test_evaluate_every_and_test_cap():
         {**RUN, "num-server-rounds": 3, "evaluate-every": 2, "eval-test-cap": 5, "local-steps": 1},
         num_nodes=NODES,
     )
-    assert [bool(h["evaluate"]) for h in hist] == [False, True, True]
-    assert hist[1]["evaluate"]["num-test"] == 5 * NODES
-    assert hist[0]["bytes-down"] == hist[0]["bytes-up"]  # no evaluation messages in round 1
+    assert [(h["round"], h["kind"]) for h in hist if h["kind"] == "evaluate"] == [
+        (2, "evaluate"),
+        (3, "evaluate"),
+    ]
+    assert hist[2]["metrics"]["num-test"] == 5 * NODES
 
 
 def test_app_config_is_valid_and_mirrors_the_defaults():

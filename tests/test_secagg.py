@@ -451,9 +451,9 @@ def test_dp_off_by_default_leaves_statistics_unchanged(digits):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_secagg_plus_under_ray_matches_in_process(tmp_path, monkeypatch, digits):
+    from flower_processes import flower_env, stop_owned_processes
     from flwr.simulation import run_simulation
 
-    from flwr_analytic.fedacnnl.launch import flower_env, stop_owned_processes
     from flwr_analytic.strategies.fedacnnl_secagg import make_secagg_server_app
 
     for key, value in flower_env(tmp_path).items():

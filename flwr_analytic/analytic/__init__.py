@@ -1,11 +1,13 @@
 """Analytic (gradient-free) layer-wise learning from sufficient statistics (no Flower imports).
 
 See :mod:`flwr_analytic.analytic.statistics` for ``(G, B, n)``, :mod:`~.solvers` for the closed forms,
-:mod:`~.targets` for hidden-layer schemes and :mod:`~.network` for the layered network.
+:mod:`~.targets` for hidden-layer schemes, :mod:`~.network` for the layered network and
+:mod:`~.privacy` for secure aggregation, differential privacy and the server's release policies.
 """
 
 from flwr_analytic.analytic.design import StatisticsAccumulator, conv_rows
 from flwr_analytic.analytic.network import AnalyticNetwork, layer_seed
+from flwr_analytic.analytic.privacy.release import DPRelease, ExactRelease, ReleasePolicy
 from flwr_analytic.analytic.solvers import (
     IllConditionedWarning,
     Regularization,
@@ -29,10 +31,13 @@ from flwr_analytic.analytic.updates import (
 __all__ = [
     "SCHEMES",
     "AnalyticNetwork",
+    "DPRelease",
+    "ExactRelease",
     "FederatedFit",
     "IllConditionedWarning",
     "LayerStatistics",
     "Regularization",
+    "ReleasePolicy",
     "StatisticsAccumulator",
     "StatisticsError",
     "TargetScheme",

@@ -11,7 +11,7 @@ Gu et al., arXiv 2502.06915.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -150,13 +150,49 @@ class AnalyticNetwork:
             )
         return self.module(self._as_tensor(x), upto=layer)
 
+    def rows_per_sample(self, layer: int) -> int:
+        """Design rows ``P`` one sample contributes to ``layer``.
+
+        ``P = 1`` for a dense layer; for a stride-1 conv layer with kernel ``k`` and padding ``p``
+        on an ``H x W`` input, the output positions ``P = (H + 2p − k + 1)(W + 2p − k + 1)``.
+        Honest statistics have ``G[-1, -1] = P n``.
+        """
+        spec = self.arch.spec(layer)
+        if not isinstance(spec, ConvSpec):
+            return 1
+        _, h, w = self.arch.input_shape_of(layer)
+        k, p = spec.kernel_size, spec.padding
+        return (h + 2 * p - k + 1) * (w + 2 * p - k + 1)
+
     @torch.no_grad()
     def statistics(
-        self, layer: int, x: np.ndarray | torch.Tensor, y: np.ndarray, batch_size: int = 256
+        self,
+        layer: int,
+        x: np.ndarray | torch.Tensor,
+        y: np.ndarray,
+        batch_size: int = 256,
+        *,
+        rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        targets: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> LayerStatistics:
         """``(G, B, n)`` of ``layer`` on ``(x, y)``, streamed in batches (the client's job).
 
         Memory is bounded by ``batch_size`` and the layer width, never by the data size.
+
+        Parameters
+        ----------
+        layer : int
+            The layer (its lower layers must be solved).
+        x, y : array-like
+            Samples and integer labels.
+        batch_size : int
+            Samples per batch.
+        rows : callable, optional
+            Maps each batch's design rows ``(N, P, D − 1)`` (the bias entry implicit) to the rows
+            that enter ``G`` and ``B``, e.g. DP clipping ``a ← a · min(1, √(C²−1)/‖a‖)``.
+        targets : callable, optional
+            Maps each batch's targets ``(N, m)`` likewise (e.g. clipping to ``‖t‖ ≤ τ``).
+
         """
         spec = self.arch.spec(layer)
         acc = StatisticsAccumulator(self.design_dim(layer), self.num_targets(layer), self.dtype)
@@ -166,17 +202,33 @@ class AnalyticNetwork:
         for sl in batches(len(y), batch_size):
             h = self.layer_input(layer, x[sl])
             t = self.layer_targets(layer, y[sl]) if acc.targets else None
+            if t is not None and targets is not None:
+                t = targets(t)
             if isinstance(spec, ConvSpec):
-                acc.add_patches(conv_rows(h, spec.kernel_size, spec.padding), t)
+                patches = conv_rows(h, spec.kernel_size, spec.padding)
             else:
-                acc.add_rows(torch.flatten(h, 1), t)
+                patches = torch.flatten(h, 1)[:, None, :]
+            acc.add_patches(patches if rows is None else rows(patches), t)
         return acc.result()
 
     # ---------------------------------------------------------------------------- server half
-    def solve(self, layer: int, stats: LayerStatistics | None) -> np.ndarray:
+    def solve(
+        self, layer: int, stats: LayerStatistics | None, reg: Regularization | None = None
+    ) -> np.ndarray:
         """Fit ``layer`` from its summed statistics and install it; returns ``W`` (D x C_out).
 
         Output layer: ``W = (G + γI)⁻¹ AᵀY``; hidden layers: the target scheme's rule.
+
+        Parameters
+        ----------
+        layer : int
+            The next unsolved layer.
+        stats : LayerStatistics or None
+            The summed statistics (``None`` only for layers that need none, e.g. ``random``).
+        reg : Regularization, optional
+            The ridge rule of this solve only, instead of :attr:`output_reg` (output layer) or
+            :attr:`hidden_reg` (hidden layers); e.g. the DP ridge. The attributes are not changed.
+
         """
         if self.solved_layers != layer:
             raise RuntimeError(
@@ -188,10 +240,14 @@ class AnalyticNetwork:
         if self.is_output(layer):
             if stats is None:
                 raise ValueError("the output layer needs its statistics")
-            w = ridge_solve(stats.gram, stats.cross, self.output_reg)
+            w = ridge_solve(stats.gram, stats.cross, self.output_reg if reg is None else reg)
         else:
             w = self.schemes[layer].weights(
-                stats, dim, width, self.hidden_reg, layer_seed(self.seed, layer)
+                stats,
+                dim,
+                width,
+                self.hidden_reg if reg is None else reg,
+                layer_seed(self.seed, layer),
             )
         self.set_layer(layer, w)
         return w

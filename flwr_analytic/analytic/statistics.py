@@ -118,12 +118,18 @@ class LayerStatistics:
         cs_tol: float = CAUCHY_SCHWARZ_TOL,
         psd_shift: float = PSD_SHIFT,
         psd_max_dim: int = PSD_CHECK_MAX_DIM,
+        noisy: bool = False,
     ) -> LayerStatistics:
         """Check that ``(G, B, n)`` can be the statistics of some data; return ``self`` or raise.
 
         Always checked: shapes, dtype (float64), finiteness, symmetry of ``G``, a non-negative
         integer count, a non-negative diagonal, and that ``G[-1, -1] = 1ᵀ1`` (the bias column of
         ones, so the number of design rows) is a whole multiple ``>= n`` of the count.
+
+        ``noisy=True`` is for statistics released with additive noise (differential privacy:
+        ``G̃ = G + E``, ``B̃ = B + E'`` with Gaussian ``E`` on every entry but ``G[-1, -1]``): it skips
+        the non-negative diagonal check, which noise breaks; ``G[-1, -1]`` is released exactly and
+        still checked against the count.
 
         Optional checks, for statistics received from an untrusted client:
 
@@ -145,7 +151,7 @@ class LayerStatistics:
         dim, targets : int, optional
             Expected ``D`` and ``m``.
         symmetry_tol : float
-            Largest allowed ``max|G − Gᵀ| / max(1, max|G|)``.
+            Largest allowed ``max|G − Gᵀ| / max(1, max|G|)``; ``0`` demands exact symmetry.
         rows_per_sample : int, optional
             Design rows per sample ``L``.
         label_classes : int, optional
@@ -155,13 +161,20 @@ class LayerStatistics:
         cs_tol, psd_shift, psd_max_dim : float, float, int
             Tolerances of the PSD checks (see :data:`CAUCHY_SCHWARZ_TOL`, :data:`PSD_SHIFT`,
             :data:`PSD_CHECK_MAX_DIM`).
+        noisy : bool
+            Noised statistics: no sign check of the diagonal; ``label_classes`` and ``check_psd``
+            (which noise breaks too) are then not allowed.
 
         Raises
         ------
         StatisticsError
             Naming the first problem found.
+        ValueError
+            ``noisy`` together with ``label_classes`` or ``check_psd``.
 
         """
+        if noisy and (check_psd or label_classes is not None):
+            raise ValueError("noisy statistics cannot pass the label-histogram or PSD checks")
         g, b = self.gram, self.cross
         if (
             not isinstance(g, np.ndarray)
@@ -183,18 +196,18 @@ class LayerStatistics:
                 raise StatisticsError(f"{name} has non-finite values (NaN or Inf)")
         scale = max(1.0, float(g.max()), -float(g.min()))
         step = max(1, _BLOCK_ELEMENTS // g.shape[0])  # row blocks: no D x D temporaries
-        asym = max(
+        asym_abs = max(
             float(np.max(np.abs(g[i : i + step] - g[:, i : i + step].T)))
             for i in range(0, g.shape[0], step)
         )
-        asym /= scale
-        if asym > symmetry_tol:
+        asym = asym_abs / scale
+        if asym > symmetry_tol or (symmetry_tol <= 0 and asym_abs > 0):
             raise StatisticsError(f"gram is not symmetric (relative asymmetry {asym:.2e})")
         count = self.count
         if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0:
             raise StatisticsError(f"count must be a non-negative integer, got {count!r}")
         diag = np.diag(g)
-        if np.any(diag < -1e-12 * scale):
+        if not noisy and np.any(diag < -1e-12 * scale):
             raise StatisticsError("gram has a negative diagonal entry: not AᵀA of any data")
         rows = self.rows
         if count == 0 and rows != 0:

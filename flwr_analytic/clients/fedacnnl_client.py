@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -20,11 +20,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from flwr_analytic.analytic import AnalyticNetwork, LayerStatistics, personalize
-from flwr_analytic.analytic.privacy import dp_from_config
 from flwr_analytic.clients.fedacnnl_dp import dp_metrics, release_statistics
+from flwr_analytic.config_checks import RunConfig
 from flwr_analytic.data import ArrayDataset
 from flwr_analytic.fedacnnl import protocol as P
-from flwr_analytic.fedacnnl.config import load_partition_from_config
+from flwr_analytic.fedacnnl.config import (
+    NODE_CONFIG_KEYS,
+    RUN_CONFIG,
+    dp_config,
+    resolve_run_config,
+)
+from flwr_analytic.fedacnnl.data import load_partition_from_config
 
 #: ``load_partition(context) -> (train, test)``.
 PartitionLoader = Callable[[Context], tuple[ArrayDataset, ArrayDataset]]
@@ -149,14 +155,57 @@ def _state_of(net: AnalyticNetwork) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in P.weights_state_dict(net).items()}
 
 
-# ---------------------------------------------------------------------------- message handlers
-def _partition(context: Context, load_partition: PartitionLoader, cache: bool):
+# ------------------------------------------------------------------------------ the app boundary
+def resolved_context(context: Context, overrides: Mapping[str, Any] | None = None) -> Context:
+    """``context`` with its run config resolved once into a :class:`RunConfig` (the app boundary).
+
+    The run config is the node's, overridden by ``overrides`` (the app factory's ``run_config``),
+    overridden by the ``dp-*`` keys of the node config (:data:`NODE_CONFIG_KEYS`: a SuperNode can
+    enforce noise whatever the server asks). Everything below the handlers reads this
+    :class:`RunConfig` and never resolves again. A context that is already resolved comes back as
+    it is; otherwise the copy shares ``state``, so what the handlers keep there persists.
+
+    Raises
+    ------
+    flwr_analytic.config_checks.ConfigError
+        For an unknown key or a value that is not allowed (see
+        :func:`~flwr_analytic.fedacnnl.resolve_run_config`).
+
+    """
+    node = {k: context.node_config[k] for k in NODE_CONFIG_KEYS if k in context.node_config}
+    given = context.run_config
+    extra = {**dict(overrides or {}), **node}
+    if any(
+        k not in given or type(given[k]) is not type(v) or given[k] != v for k, v in extra.items()
+    ):
+        given = {**dict(given), **extra}
+    cfg = resolve_run_config(given)
+    if cfg is context.run_config:
+        return context
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config=cfg,
+        series_id=context.series_id,
+    )
+
+
+def _run_config(context: Context) -> RunConfig:
+    """The :class:`RunConfig` of a context made by :func:`resolved_context`."""
+    return cast(RunConfig, context.run_config)
+
+
+def _partition(
+    context: Context, load_partition: PartitionLoader, cache: bool
+) -> tuple[ArrayDataset, ArrayDataset]:
     if not cache:
         return load_partition(context)
     key = (
         load_partition,  # the object itself: an id() could be reused after collection
         context.run_id,
-        tuple(sorted((k, repr(v)) for k, v in context.run_config.items())),
+        tuple((k, repr(v)) for k, v in context.run_config.items()),
         tuple(sorted((k, repr(v)) for k, v in context.node_config.items())),
     )
     if key not in _CACHE:
@@ -166,18 +215,10 @@ def _partition(context: Context, load_partition: PartitionLoader, cache: bool):
     return _CACHE[key]
 
 
-def _set_threads(context: Context) -> None:
-    threads = int(context.run_config.get("client-threads", 1) or 0)
+def _set_threads(cfg: RunConfig) -> None:
+    threads = int(cfg["client-threads"])
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-
-
-def _keep_statistics(context: Context) -> bool:
-    """Run-config ``keep-statistics`` (default true): keep personalized layers' statistics."""
-    value = context.run_config.get("keep-statistics", True)
-    if not isinstance(value, bool):
-        raise ValueError(f"run-config 'keep-statistics' must be true or false, got {value!r}")
-    return value
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -188,7 +229,17 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
 
 
-def _kept(context: Context) -> dict[int, tuple[str, LayerStatistics]]:
+# ------------------------------------------------------------------ statistics kept in the state
+def kept_layer_statistics(context: Context) -> dict[int, tuple[str, LayerStatistics]]:
+    """The layer statistics this node kept in ``context.state`` (:func:`keep_layer_statistics`).
+
+    Returns
+    -------
+    dict of int to (str, LayerStatistics)
+        Per layer: the digest of the global layers below it they were computed with, and the
+        statistics.
+
+    """
     out = {}
     for name in list(context.state.config_records.keys()):
         if not name.startswith(_STATE_DIGEST.format("")):
@@ -204,7 +255,15 @@ def _kept(context: Context) -> dict[int, tuple[str, LayerStatistics]]:
     return out
 
 
-def _keep(context: Context, layer: int, digest: str, stats: LayerStatistics) -> None:
+def keep_layer_statistics(
+    context: Context, layer: int, digest: str, stats: LayerStatistics
+) -> None:
+    """Keep this node's clean statistics of ``layer`` in ``context.state`` for its evaluation.
+
+    ``digest`` (:func:`~flwr_analytic.fedacnnl.protocol.weights_digest`) names the global layers
+    below ``layer`` they were computed with; the evaluation reuses them only when it matches.
+    They never leave the node (the state is local).
+    """
     context.state[_STATE_STATS.format(layer)] = _array_record(stats.pack())
     context.state[_STATE_DIGEST.format(layer)] = ConfigRecord({"digest": digest})
 
@@ -232,30 +291,34 @@ def _message_records(msg: Message, require_arrays: bool) -> tuple[ConfigRecord, 
 
 
 def handle_train(
-    msg: Message, context: Context, load_partition: PartitionLoader, cache: bool = True
+    msg: Message,
+    context: Context,
+    load_partition: PartitionLoader,
+    cache: bool = True,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Message:
     """Reply to a FedACnnL training message with the requested layer's packed statistics.
 
-    The reply holds ``ArrayRecord`` ``"statistics"`` (``gram-triu``, ``cross``, ``count``) and
-    ``MetricRecord`` ``"metrics"`` (``num-examples``, ``partition-id``, ``layer``, ``compute-time``).
-    Statistics of a personalized layer are also kept in ``context.state``.
+    Resolves the run config once (:func:`resolved_context` with ``overrides``). The reply holds
+    ``ArrayRecord`` ``"statistics"`` (``gram-triu``, ``cross``, ``count``) and ``MetricRecord``
+    ``"metrics"`` (``num-examples``, ``partition-id``, ``layer``, ``compute-time``). Statistics of
+    a personalized layer are also kept in ``context.state`` (run-config ``keep-statistics``). With
+    ``dp-noise-multiplier > 0`` the released statistics are clipped and noised (the kept ones are
+    clean).
     """
     start = time.perf_counter()
-    _set_threads(context)
+    context = resolved_context(context, overrides)
+    cfg = _run_config(context)
+    _set_threads(cfg)
     config, arrays = _message_records(msg, require_arrays=False)
     train, _ = _partition(context, load_partition, cache)
     net, stats = layer_statistics(config, _numpy(arrays), train)
     layer = int(config[P.LAYER])
-    keep = _keep_statistics(context)
-    if keep and layer in P.personalized_layers(net, str(config.get(P.PERSONALIZE_LAYERS, "last"))):
-        _keep(context, layer, P.weights_digest(net, layer), stats)
-    # optional differential privacy (dp-* keys; a SuperNode's own node config overrides the run
-    # config, so a node can enforce noise whatever the server asks): release clipped + noised stats
-    dp_config = {**dict(context.run_config), **dict(context.node_config)}
-    dp = dp_from_config(dp_config)
-    stats = release_statistics(
-        net, layer, train, stats, dp, dp_config, _partition_id(context), config
-    )
+    which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
+    if cfg["keep-statistics"] and layer in P.personalized_layers(net, which):
+        keep_layer_statistics(context, layer, P.weights_digest(net, layer), stats)
+    dp = dp_config(cfg)
+    stats = release_statistics(net, layer, train, stats, dp, cfg, _partition_id(context), config)
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: int(stats.count),
@@ -270,39 +333,33 @@ def handle_train(
 
 
 def handle_evaluate(
-    msg: Message, context: Context, load_partition: PartitionLoader, cache: bool = True
+    msg: Message,
+    context: Context,
+    load_partition: PartitionLoader,
+    cache: bool = True,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Message:
-    """Reply to an evaluation message with global and pFedACnnL metrics on the local test set."""
+    """Reply to an evaluation message with global and pFedACnnL metrics on the local test set.
+
+    Resolves the run config once (:func:`resolved_context` with ``overrides``).
+    """
     start = time.perf_counter()
-    _set_threads(context)
+    context = resolved_context(context, overrides)
+    cfg = _run_config(context)
+    _set_threads(cfg)
     config, arrays = _message_records(msg, require_arrays=True)
     train, test = _partition(context, load_partition, cache)
     group = msg.content.array_records.get(P.GROUP_ARRAYS_KEY)
+    kept = kept_layer_statistics(context)
     metrics, used = evaluate_global_and_personal(
-        config, _numpy(arrays), train, test, _kept(context), _numpy(group) if group else None
+        config, _numpy(arrays), train, test, kept, _numpy(group) if group else None
     )
-    if _keep_statistics(context):
+    if cfg["keep-statistics"]:
         for layer, (digest, stats) in used.items():
-            _keep(context, layer, digest, stats)
+            keep_layer_statistics(context, layer, digest, stats)
     metrics[P.PARTITION_ID] = _partition_id(context)
     metrics["compute-time"] = time.perf_counter() - start
     return Message(content=RecordDict({P.METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
-
-
-def _with_run_config(context: Context, overrides: Mapping[str, Any]) -> Context:
-    """Return ``context`` with run-config overrides (Flower forbids editing ``run_config``).
-
-    The copy shares the ``state`` object, so what the handlers keep there persists.
-    """
-    if not overrides:
-        return context
-    return Context(
-        run_id=context.run_id,
-        node_id=context.node_id,
-        node_config=context.node_config,
-        state=context.state,
-        run_config={**dict(context.run_config), **dict(overrides)},
-    )
 
 
 def make_fedacnnl_client_app(
@@ -317,32 +374,48 @@ def make_fedacnnl_client_app(
     ----------
     load_partition : callable, optional
         ``load_partition(context) -> (train, test)`` :class:`~flwr_analytic.data.ArrayDataset`
-        of this node (your own data loader). Defaults to
-        :func:`~flwr_analytic.fedacnnl.load_partition_from_config` (run config + node config).
+        of this node (your own data loader); its context carries the resolved run config.
+        Defaults to :func:`~flwr_analytic.fedacnnl.load_partition_from_config` (run config + node
+        config).
     cache : bool (default: True)
         Keep loaded partitions in memory between rounds (keyed by run and node config).
     run_config : mapping, optional
         Run-config entries that override the node's (e.g. under ``run_simulation``, whose run
-        config is empty).
+        config is empty); each is checked here against
+        :data:`~flwr_analytic.fedacnnl.config.RUN_CONFIG`.
 
     Returns
     -------
     ClientApp
         With ``@app.train()`` (layer statistics) and ``@app.evaluate()`` (global and personalized
-        accuracy/loss) handlers.
+        accuracy/loss) handlers; each resolves the run config once per message.
 
     """
     loader = load_partition or load_partition_from_config
-    app = ClientApp()
-
     overrides = dict(run_config or {})
+    for key, value in overrides.items():
+        RUN_CONFIG.check(key, value)
+    app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, _with_run_config(context, overrides), loader, cache)
+        return handle_train(msg, context, loader, cache, overrides)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, _with_run_config(context, overrides), loader, cache)
+        return handle_evaluate(msg, context, loader, cache, overrides)
 
     return app
+
+
+__all__ = [
+    "PartitionLoader",
+    "evaluate_global_and_personal",
+    "handle_evaluate",
+    "handle_train",
+    "keep_layer_statistics",
+    "kept_layer_statistics",
+    "layer_statistics",
+    "make_fedacnnl_client_app",
+    "resolved_context",
+]

@@ -19,9 +19,9 @@ from flwr.client import NumPyClient
 from flwr_analytic.analytic import LayerStatistics
 from flwr_analytic.analytic.statistics import COUNT_KEY, CROSS_KEY, GRAM_KEY
 from flwr_analytic.clients.fedacnnl_client import (
-    _keep,
-    _kept,
     evaluate_global_and_personal,
+    keep_layer_statistics,
+    kept_layer_statistics,
     layer_statistics,
 )
 from flwr_analytic.data import ArrayDataset
@@ -106,7 +106,7 @@ class FedACnnLNumPyClient(NumPyClient):
         layer = int(config[P.LAYER])
         which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
         if self.node_context is not None and layer in P.personalized_layers(net, which):
-            _keep(self.node_context, layer, P.weights_digest(net, layer), stats)
+            keep_layer_statistics(self.node_context, layer, P.weights_digest(net, layer), stats)
         metrics = {P.PARTITION_ID: self.partition_id, P.LAYER: layer}
         return pack_to_list(stats), int(stats.count), metrics
 
@@ -114,7 +114,7 @@ class FedACnnLNumPyClient(NumPyClient):
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[float, int, dict[str, Any]]:
         """Return the pFedACnnL loss, the test size and global/personalized accuracy and loss."""
-        kept = _kept(self.node_context) if self.node_context is not None else None
+        kept = kept_layer_statistics(self.node_context) if self.node_context is not None else None
         metrics, _ = evaluate_global_and_personal(
             config, arrays_to_state(parameters), self.train, self.test, kept
         )

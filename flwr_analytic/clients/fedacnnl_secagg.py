@@ -25,7 +25,11 @@ from flwr_analytic.analytic.privacy import (
     SECAGG_SCALE,
     SecAggEncoding,
 )
-from flwr_analytic.clients.fedacnnl_client import _keep, layer_statistics
+from flwr_analytic.clients.fedacnnl_client import (
+    keep_layer_statistics,
+    layer_statistics,
+    resolved_context,
+)
 from flwr_analytic.clients.fedacnnl_legacy import FedACnnLNumPyClient, arrays_to_state
 from flwr_analytic.data import ArrayDataset
 from flwr_analytic.fedacnnl import protocol as P
@@ -75,7 +79,7 @@ class FedACnnLSecAggClient(FedACnnLNumPyClient):
         layer = int(config[P.LAYER])
         which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
         if self.node_context is not None and layer in P.personalized_layers(net, which):
-            _keep(self.node_context, layer, P.weights_digest(net, layer), stats)
+            keep_layer_statistics(self.node_context, layer, P.weights_digest(net, layer), stats)
         return encoding.encode(stats), 1, {P.LAYER: layer}
 
 
@@ -92,20 +96,24 @@ def make_secagg_client_app(
         ``load_partition(context) -> (train, test)``; defaults to the run-config loader
         (:func:`~flwr_analytic.fedacnnl.load_partition_from_config`).
     run_config : mapping, optional
-        Run-config entries overriding the node's (e.g. under ``run_simulation``).
+        Run-config entries overriding the node's (e.g. under ``run_simulation``); the run config
+        is resolved once per ``client_fn`` call
+        (:func:`~flwr_analytic.clients.fedacnnl_client.resolved_context`).
 
     """
     from flwr.client import ClientApp
     from flwr.client.mod import secaggplus_mod
 
-    from flwr_analytic.clients.fedacnnl_client import _with_run_config
-    from flwr_analytic.fedacnnl.config import load_partition_from_config
+    from flwr_analytic.fedacnnl.config import RUN_CONFIG
+    from flwr_analytic.fedacnnl.data import load_partition_from_config
 
     loader = load_partition or load_partition_from_config
     overrides = dict(run_config or {})
+    for key, value in overrides.items():
+        RUN_CONFIG.check(key, value)
 
     def client_fn(context: Context):  # noqa: ANN202
-        context = _with_run_config(context, overrides)
+        context = resolved_context(context, overrides)
         train, test = loader(context)
         pid = int(context.node_config.get("partition-id", -1))
         return FedACnnLSecAggClient(train, test, pid, context).to_client()

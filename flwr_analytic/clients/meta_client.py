@@ -14,9 +14,10 @@
 ``"finetune-lr"``, ``"finetune-batch-size"``; replies ``correct-curve`` and ``loss-curve``
 (``s = 0..S``), ``acc``/``loss`` at ``S``, ``partition-id`` and the test size as ``num-examples``.
 
-Data, model and seed come from the run config (defaults:
-:data:`flwr_analytic.meta.config.DEFAULT_RUN_CONFIG`) and the node config (``partition-id``,
-``num-partitions``). Every batch is drawn from a generator seeded by seed, partition id and round.
+Data, model and seed come from the run config (keys, defaults and allowed values:
+:data:`flwr_analytic.meta.config.RUN_CONFIG`), resolved once per message by the handlers, and the
+node config (``partition-id``, ``num-partitions``). Every batch is drawn from a generator seeded by
+seed, partition id and round.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flwr_analytic.config_checks import RunConfig
 from flwr_analytic.meta import (
     MetaConfig,
     meta_train,
@@ -36,12 +38,20 @@ from flwr_analytic.meta import (
     pfedme_train,
     sgd_train,
 )
-from flwr_analytic.meta.config import resolve_run_config
+from flwr_analytic.meta.config import RUN_CONFIG, resolve_run_config
 from flwr_analytic.meta.task import build_model, client_tensors, round_rng
 
 
-def _run_cfg(context: Context, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    return resolve_run_config({**dict(context.run_config), **dict(overrides or {})})
+def client_run_config(context: Context, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """The node's run config overridden by ``overrides``, resolved (the app boundary).
+
+    Raises :class:`~flwr_analytic.config_checks.ConfigError` for an unknown key (naming the
+    closest known one) or a value that is not allowed.
+    """
+    given = context.run_config
+    if overrides:
+        given = {**dict(given), **dict(overrides)}
+    return resolve_run_config(given)
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -51,7 +61,7 @@ def _partition(context: Context) -> tuple[int, int]:
 def local_train(
     arrays: ArrayRecord,
     config: Mapping[str, Any],
-    run_config: Mapping[str, Any],
+    run_config: RunConfig,
     partition_id: int,
     num_partitions: int,
 ) -> tuple[ArrayRecord, MetricRecord]:
@@ -64,8 +74,8 @@ def local_train(
     config : mapping
         The training ``ConfigRecord`` (``"local-algorithm"``, its hyper-parameters and
         ``"server-round"``).
-    run_config : mapping
-        Resolved run config (data set, model, partitioner, seed).
+    run_config : RunConfig
+        The resolved run config (:func:`client_run_config`: data set, model, partitioner, seed).
     partition_id, num_partitions : int
         This client's partition.
 
@@ -75,7 +85,7 @@ def local_train(
         The local model and metrics with ``num-examples`` (training size) and work counters.
 
     """
-    cfg = resolve_run_config(run_config)
+    cfg = run_config
     x, y, _, _ = client_tensors(cfg, partition_id, num_partitions)
     model = build_model(cfg)
     model.load_state_dict(arrays.to_torch_state_dict())
@@ -128,18 +138,19 @@ def local_train(
 def local_evaluate(
     arrays: ArrayRecord,
     config: Mapping[str, Any],
-    run_config: Mapping[str, Any],
+    run_config: RunConfig,
     partition_id: int,
     num_partitions: int,
 ) -> MetricRecord:
     """Personalized evaluation: test accuracy after ``s = 0..finetune-steps`` SGD steps.
 
     Fine-tuning uses the client's training split only; the test split is only evaluated (a fixed
-    seeded subset of ``eval-test-cap`` rows when that run-config key is positive).
+    seeded subset of ``eval-test-cap`` rows when that run-config key is positive). ``run_config``
+    is the resolved run config (:func:`client_run_config`).
     """
-    cfg = resolve_run_config(run_config)
+    cfg = run_config
     x, y, xt, yt = client_tensors(cfg, partition_id, num_partitions)
-    cap = int(cfg.get("eval-test-cap", 0) or 0)
+    cap = int(cfg["eval-test-cap"])
     if 0 < cap < len(yt):  # a fixed seeded subset of the test split, the same in every round
         keep = torch.from_numpy(
             np.sort(round_rng(int(cfg["seed"]), partition_id, 0, 2).choice(len(yt), cap, False))
@@ -175,13 +186,13 @@ def local_evaluate(
 def handle_train(
     msg: Message, context: Context, overrides: Mapping[str, Any] | None = None
 ) -> Message:
-    """``@app.train()`` handler: local update of the received model."""
+    """``@app.train()`` handler: local update of the received model (run config resolved here)."""
     torch.set_num_threads(1)
     pid, num = _partition(context)
     arrays, metrics = local_train(
         msg.content.array_records["arrays"],
         dict(msg.content.config_records["config"]),
-        _run_cfg(context, overrides),
+        client_run_config(context, overrides),
         pid,
         num,
     )
@@ -191,13 +202,13 @@ def handle_train(
 def handle_evaluate(
     msg: Message, context: Context, overrides: Mapping[str, Any] | None = None
 ) -> Message:
-    """``@app.evaluate()`` handler: personalized test metrics of the received model."""
+    """``@app.evaluate()`` handler: personalized test metrics (run config resolved here)."""
     torch.set_num_threads(1)
     pid, num = _partition(context)
     metrics = local_evaluate(
         msg.content.array_records["arrays"],
         dict(msg.content.config_records["config"]),
-        _run_cfg(context, overrides),
+        client_run_config(context, overrides),
         pid,
         num,
     )
@@ -208,8 +219,12 @@ def make_meta_client_app(overrides: Mapping[str, Any] | None = None) -> ClientAp
     """Build a :class:`flwr.clientapp.ClientApp` running ``handle_train`` / ``handle_evaluate``.
 
     ``overrides`` replace run-config keys (used when no Flower run config is available, e.g. in
-    ``flwr.simulation.run_simulation``).
+    ``flwr.simulation.run_simulation``); each is checked here against
+    :data:`~flwr_analytic.meta.config.RUN_CONFIG`.
     """
+    overrides = dict(overrides or {})
+    for key, value in overrides.items():
+        RUN_CONFIG.check(key, value)
     app = ClientApp()
 
     @app.train()

@@ -8,6 +8,7 @@ All randomness is seeded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import numpy as np
 
@@ -40,6 +41,25 @@ class FederatedSplit:
         if not 0 <= k < self.num_clients:
             raise IndexError(f"client {k} out of range 0..{self.num_clients - 1}")
         return dataset.subset(self.train[k]), dataset.subset(self.test[k])
+
+
+class PartitionOptions(TypedDict, total=False):
+    """Partitioner settings of :func:`partition_indices` passed on by :func:`federated_split`.
+
+    Attributes
+    ----------
+    alpha : float
+        Dirichlet concentration (default 0.1).
+    classes_per_partition : int
+        Classes per client of the pathological partitioner (default 2).
+    min_partition_size : int
+        Dirichlet only: the smallest client (default 0).
+
+    """
+
+    alpha: float
+    classes_per_partition: int
+    min_partition_size: int
 
 
 def _labels_dataset(labels: np.ndarray, order: np.ndarray | None = None):  # noqa: ANN202
@@ -161,29 +181,41 @@ def federated_split(
     num_clients: int,
     method: str = "dirichlet",
     *,
-    alpha: float = 0.1,
-    classes_per_partition: int = 2,
     test_fraction: float = 0.25,
-    min_partition_size: int = 0,
     seed: int = 0,
+    **options: Unpack[PartitionOptions],
 ) -> FederatedSplit:
     """Partition ``dataset`` among clients and split each client 75/25 (by default) into train/test.
 
     ``method="precomputed"`` uses the split stored with the data (``extras["client"]`` and
     ``extras["is_test"]``, as in ``mnist70k.npz``: 20 clients, Dirichlet(0.1), PFLlib) and ignores
-    the other parameters. Client ``k``'s train/test split uses the seed ``seed + k``.
+    the other parameters.
+
+    Parameters
+    ----------
+    dataset : ArrayDataset
+        The data to split.
+    num_clients : int
+        Number of clients ``K``.
+    method : {"dirichlet", "iid", "pathological", "precomputed"}
+        The partitioner (see :func:`partition_indices`).
+    test_fraction : float
+        Share of every client's rows held out for testing.
+    seed : int
+        Seed of the partition; client ``k``'s train/test split uses ``seed + k``.
+    **options : PartitionOptions
+        ``alpha``, ``classes_per_partition``, ``min_partition_size``: as in
+        :func:`partition_indices`.
+
+    Returns
+    -------
+    FederatedSplit
+        Every client's train and test indices.
+
     """
     if method == "precomputed":
         return precomputed_split(dataset)
-    parts = partition_indices(
-        dataset.y,
-        num_clients,
-        method,
-        alpha=alpha,
-        classes_per_partition=classes_per_partition,
-        min_partition_size=min_partition_size,
-        seed=seed,
-    )
+    parts = partition_indices(dataset.y, num_clients, method, seed=seed, **options)
     pairs = [train_test_indices(p, test_fraction, seed + k) for k, p in enumerate(parts)]
     return FederatedSplit(train=[a for a, _ in pairs], test=[b for _, b in pairs])
 

@@ -1,7 +1,8 @@
-"""FedACnnL / pFedACnnL on Flower: wire format, run configuration and an in-process grid.
+"""FedACnnL / pFedACnnL on Flower: wire format and run configuration.
 
 The strategy lives in :mod:`flwr_analytic.strategies.fedacnnl`, the client app in
-:mod:`flwr_analytic.clients.fedacnnl_client` (Gu et al., arXiv 2502.06915).
+:mod:`flwr_analytic.clients.fedacnnl_client` (Gu et al., arXiv 2502.06915). ``LocalGrid`` is
+re-exported from :mod:`flwr_analytic.grid` for backwards compatibility.
 """
 
 from flwr_analytic.fedacnnl.config import (
@@ -10,7 +11,7 @@ from flwr_analytic.fedacnnl.config import (
     load_partition_from_config,
     resolve_run_config,
 )
-from flwr_analytic.fedacnnl.local import LocalGrid
+from flwr_analytic.grid import LocalGrid
 
 __all__ = [
     "DEFAULT_RUN_CONFIG",

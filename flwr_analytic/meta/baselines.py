@@ -14,14 +14,11 @@ compared at an equal budget of local gradient computations.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-import torch
 from torch import Tensor, nn
 
-from flwr_analytic.meta.local_training import BatchSampler, LocalResult
-from flwr_analytic.meta.meta_gradient import gradient, load_params, make_loss_fn, model_params
+from flwr_analytic.meta.local_training import LocalResult, LocalRun
+from flwr_analytic.meta.meta_gradient import gradient, load_params, model_params
 
 
 def sgd_train(
@@ -54,32 +51,17 @@ def sgd_train(
         FedProx proximal weight μ.
 
     """
-    t0 = time.perf_counter()
-    loss_fn = make_loss_fn(model)
-    sampler = BatchSampler(x, y, rng)
+    run = LocalRun(model, x, y, rng)
     anchor = model_params(model)
     params = anchor
-    losses = []
     for _ in range(local_steps):
-        batch = sampler.sample(batch_size)
-        with torch.no_grad():
-            losses.append(float(loss_fn(params, batch)))
-        g = gradient(loss_fn, params, batch)
+        batch = run.batch(params, batch_size)
+        g = gradient(run.loss_fn, params, batch)
         params = tuple(
             p - lr * (q + proximal_mu * (p - a)) for p, q, a in zip(params, g, anchor, strict=True)
         )
     load_params(model, params)
-    return LocalResult(
-        metrics={
-            "train-loss": float(np.mean(losses)) if losses else float("nan"),
-            "grad-evals": float(local_steps),
-            "hvp-evals": 0.0,
-            "grad-equivalents": float(local_steps),
-            "samples-processed": float(local_steps * min(batch_size, len(y))),
-            "local-steps": float(local_steps),
-            "train-time": time.perf_counter() - t0,
-        }
-    )
+    return run.result(local_steps, 0, local_steps * min(batch_size, len(y)), local_steps)
 
 
 def pfedme_train(
@@ -102,32 +84,17 @@ def pfedme_train(
 
     Returns the local ``w`` in ``model``; costs ``K`` gradients per local step.
     """
-    t0 = time.perf_counter()
-    loss_fn = make_loss_fn(model)
-    sampler = BatchSampler(x, y, rng)
+    run = LocalRun(model, x, y, rng)
     w = model_params(model)
     theta = w
-    losses = []
     for _ in range(local_steps):
-        batch = sampler.sample(batch_size)
-        with torch.no_grad():
-            losses.append(float(loss_fn(theta, batch)))
+        batch = run.batch(theta, batch_size)
         for _ in range(inner_steps):
-            g = gradient(loss_fn, theta, batch)
+            g = gradient(run.loss_fn, theta, batch)
             theta = tuple(
                 t - personal_lr * (q + lam * (t - u)) for t, q, u in zip(theta, g, w, strict=True)
             )
         w = tuple(u - lr * lam * (u - t) for u, t in zip(w, theta, strict=True))
     load_params(model, w)
     evals = float(local_steps * inner_steps)
-    return LocalResult(
-        metrics={
-            "train-loss": float(np.mean(losses)) if losses else float("nan"),
-            "grad-evals": evals,
-            "hvp-evals": 0.0,
-            "grad-equivalents": evals,
-            "samples-processed": evals * min(batch_size, len(y)),
-            "local-steps": float(local_steps),
-            "train-time": time.perf_counter() - t0,
-        }
-    )
+    return run.result(evals, 0, evals * min(batch_size, len(y)), local_steps)

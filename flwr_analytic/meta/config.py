@@ -1,7 +1,7 @@
 """Run configuration of the ν-step meta app and equal-budget bookkeeping (no Flower imports).
 
 The keys mirror ``[tool.flwr.app.config]`` of ``apps/meta/pyproject.toml``; a run config given by
-Flower overrides them key by key (:func:`resolve_run_config`).
+Flower overrides them key by key (:func:`resolve_run_config`); unknown keys fail.
 """
 
 from __future__ import annotations
@@ -9,8 +9,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr_analytic.config_checks import check_choice, check_keys, check_number
-from flwr_analytic.meta.meta_gradient import step_cost
+from flwr_analytic.config_checks import (
+    ConfigTable,
+    Interval,
+    Options,
+    Param,
+    RunConfig,
+    Text,
+)
+from flwr_analytic.data import PARTITIONERS
+from flwr_analytic.meta.local_training import HESSIAN_BATCH_POLICIES
+from flwr_analytic.meta.meta_gradient import MODES, step_cost
+from flwr_analytic.meta.task import DATASET_SHAPES
+from flwr_analytic.models.architectures import ARCHITECTURES
 
 ALGORITHMS = (
     "meta",
@@ -22,110 +33,70 @@ ALGORITHMS = (
     "pfedme",
 )
 
-DEFAULT_RUN_CONFIG: dict[str, Any] = {
-    # which method: one of ALGORITHMS
-    "algorithm": "meta",
-    "num-server-rounds": 3,
-    "fraction-train": 1.0,
-    "fraction-evaluate": 1.0,
-    "min-nodes": 2,
-    # data and model
-    "dataset": "digits",
-    "partitioner": "dirichlet",
-    "dirichlet-alpha": 0.1,
-    "min-partition-size": 20,
-    "test-fraction": 0.25,
-    "model": "cnn",
-    "seed": 0,
-    # nu-step meta learning (also Per-FedAvg with nu = 1)
-    "nu": 2,
-    "mode": "exact",
-    "alpha": 0.05,
-    "beta": 0.05,
-    "hessian-batches": "independent",
-    "hf-delta": 1e-3,
-    # local work: local-steps, or (when grad-budget > 0) as many steps as fit the budget
-    "local-steps": 10,
-    "grad-budget": 0,
-    "batch-size": 32,
-    # peers
-    "proximal-mu": 0.01,
-    "pfedme-lambda": 15.0,
-    "pfedme-k": 5,
-    "pfedme-lr": 0.005,
-    "pfedme-personal-lr": 0.09,
-    "pfedme-beta": 1.0,
-    # test-time personalization: accuracy after s = 0..finetune-steps SGD steps at rate alpha
-    "finetune-steps": 5,
-    "finetune-batch-size": 32,
-    # evaluate every k rounds (and in the last); cap test samples per client (0: all)
-    "evaluate-every": 1,
-    "eval-test-cap": 0,
-    # per-round history JSON ("" to skip)
-    "history-path": "meta_history.json",
-    # server checkpoint after every round; a restarted run with the same config resumes ("" = none)
-    "checkpoint-path": "",
-}
+_INT0, _INT1 = Interval(int, 0), Interval(int, 1)
+_NONNEG, _POS = Interval(float, 0), Interval(float, 0, closed="right")
+
+#: Every run-config key of the meta app: default, allowed values, one-line help. Step sizes
+#: α >= 0 (inner; α = 0 is FedAvg), β > 0 (outer), the peers' rates > 0 and penalties >= 0
+#: (Jamali et al., arXiv 2504.21327).
+RUN_CONFIG = ConfigTable(
+    (
+        Param("algorithm", "meta", Options(ALGORITHMS), "which method"),
+        Param("num-server-rounds", 3, _INT0, "federated rounds"),
+        Param("fraction-train", 1.0, Interval(float, 0, 1, "right"), "share of nodes trained"),
+        Param("fraction-evaluate", 1.0, Interval(float, 0, 1), "share of nodes evaluated"),
+        Param("min-nodes", 2, _INT1, "nodes needed to start a round"),
+        Param("dataset", "digits", Options(DATASET_SHAPES), "data set"),
+        Param("partitioner", "dirichlet", Options(PARTITIONERS), "how the data is split"),
+        Param("dirichlet-alpha", 0.1, _POS, "Dirichlet concentration of the label split"),
+        Param("min-partition-size", 20, _INT0, "resample the split until every part has this"),
+        Param("test-fraction", 0.25, Interval(float, 0, 1, "left"), "local test share"),
+        Param("model", "cnn", Options(ARCHITECTURES), "architecture"),
+        Param("seed", 0, _INT0, "seed of split, model and batches"),
+        Param("nu", 2, _INT0, "ν inner steps of the meta-gradient (Per-FedAvg: 1)"),
+        Param("mode", "exact", Options(MODES), "how the meta-gradient's Hessian term is formed"),
+        Param("alpha", 0.05, _NONNEG, "inner step size α (also the fine-tuning rate)"),
+        Param("beta", 0.05, _POS, "outer step size β"),
+        Param("hessian-batches", "independent", Options(HESSIAN_BATCH_POLICIES), "HVP batches"),
+        Param("hf-delta", 1e-3, _POS, "finite-difference step of the hessian-free mode"),
+        Param("local-steps", 10, _INT1, "local steps per round (when grad-budget is 0)"),
+        Param("grad-budget", 0, _NONNEG, "> 0: local gradient-equivalents per round instead"),
+        Param("batch-size", 32, _INT1, "local batch size"),
+        Param("proximal-mu", 0.01, _NONNEG, "FedProx proximal term μ"),
+        Param("pfedme-lambda", 15.0, _NONNEG, "pFedMe regularization λ"),
+        Param("pfedme-k", 5, _INT1, "pFedMe inner steps K"),
+        Param("pfedme-lr", 0.005, _POS, "pFedMe local rate"),
+        Param("pfedme-personal-lr", 0.09, _POS, "pFedMe personal rate"),
+        Param("pfedme-beta", 1.0, _POS, "pFedMe server mixing β"),
+        Param("finetune-steps", 5, _INT0, "evaluate after s = 0..finetune-steps SGD steps"),
+        Param("finetune-batch-size", 32, _INT1, "fine-tuning batch size"),
+        Param("evaluate-every", 1, _INT1, "evaluate every k rounds (and in the last)"),
+        Param("eval-test-cap", 0, _INT0, "test samples per client (0: all)"),
+        Param("history-path", "meta_history.json", Text(), 'per-round JSON ("" = none)'),
+        Param("checkpoint-path", "", Text(), 'checkpoint after every round ("" = none)'),
+    ),
+    where="meta run-config",
+)
+
+#: Defaults of every key (derived from :data:`RUN_CONFIG`; ``--run-config`` overrides them).
+DEFAULT_RUN_CONFIG: dict[str, Any] = RUN_CONFIG.defaults
 
 
-def resolve_run_config(run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults overridden by ``run_config``, checked by :func:`check_run_config`.
+def resolve_run_config(run_config: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults overridden by ``run_config``, every key and value checked by :data:`RUN_CONFIG`.
 
-    Unknown keys are kept (callers may carry extra entries) but each one issues a ``UserWarning``
-    naming the closest known key (a likely typo: ``nuu`` -> ``nu``). A value that is not allowed
-    raises :class:`~flwr_analytic.config_checks.ConfigError` (a ``ValueError``) naming the key and
-    the allowed values.
+    Idempotent: a :class:`~flwr_analytic.config_checks.RunConfig` of this table comes back as is.
+
+    Raises
+    ------
+    flwr_analytic.config_checks.UnknownKeyError
+        (a ``KeyError``) for a key not in the table, naming the closest known key (a likely typo:
+        ``nuu`` -> ``nu``).
+    flwr_analytic.config_checks.ConfigError
+        (a ``ValueError``) for a value that is not allowed, naming the key and the allowed values.
+
     """
-    given = dict(run_config or {})
-    check_keys(given, DEFAULT_RUN_CONFIG, "meta run-config", action="warn")
-    cfg = {**DEFAULT_RUN_CONFIG, **given}
-    check_run_config(cfg)
-    return cfg
-
-
-def check_run_config(cfg: Mapping[str, Any]) -> None:
-    """Fail at start on a value that cannot work, naming the key and the allowed values.
-
-    ν >= 0 steps; step sizes α >= 0 (inner, α = 0 is FedAvg), β > 0 (outer), the peers' rates > 0
-    and penalties >= 0 (Jamali et al., arXiv 2504.21327); fractions, sizes, counts, the dataset,
-    partitioner, model, algorithm and modes.
-    """
-    from flwr_analytic.data import PARTITIONERS
-    from flwr_analytic.meta.local_training import HESSIAN_BATCH_POLICIES
-    from flwr_analytic.meta.meta_gradient import MODES
-    from flwr_analytic.meta.task import DATASET_INFO
-    from flwr_analytic.models.architectures import ARCHITECTURES
-
-    check_choice("algorithm", cfg["algorithm"], ALGORITHMS)
-    check_choice("dataset", cfg["dataset"], DATASET_INFO)
-    check_choice("partitioner", cfg["partitioner"], PARTITIONERS)
-    check_choice("model", cfg["model"], ARCHITECTURES)
-    check_choice("mode", cfg["mode"], MODES)
-    check_choice("hessian-batches", cfg["hessian-batches"], HESSIAN_BATCH_POLICIES)
-    check_number("fraction-train", cfg["fraction-train"], low=0.0, high=1.0, low_open=True)
-    check_number("fraction-evaluate", cfg["fraction-evaluate"], low=0.0, high=1.0)
-    check_number("dirichlet-alpha", cfg["dirichlet-alpha"], low=0.0, low_open=True)
-    check_number("test-fraction", cfg["test-fraction"], low=0.0, high=1.0, high_open=True)
-    check_number("alpha", cfg["alpha"], low=0.0)
-    for key in ("beta", "hf-delta", "pfedme-lr", "pfedme-personal-lr", "pfedme-beta"):
-        check_number(key, cfg[key], low=0.0, low_open=True)
-    for key in ("proximal-mu", "pfedme-lambda", "grad-budget"):
-        check_number(key, cfg[key], low=0.0)
-    for key, low in (
-        ("num-server-rounds", 0),
-        ("min-nodes", 1),
-        ("min-partition-size", 0),
-        ("seed", 0),
-        ("nu", 0),
-        ("local-steps", 1),
-        ("batch-size", 1),
-        ("pfedme-k", 1),
-        ("finetune-steps", 0),
-        ("finetune-batch-size", 1),
-        ("evaluate-every", 1),
-        ("eval-test-cap", 0),
-    ):
-        check_number(key, cfg[key], low=low, integer=True)
+    return RUN_CONFIG.resolve(run_config)
 
 
 def step_cost_of(algorithm: str, cfg: Mapping[str, Any]) -> float:

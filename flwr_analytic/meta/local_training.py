@@ -131,6 +131,59 @@ class LocalResult:
     metrics: dict[str, float]
 
 
+class LocalRun:
+    """What every local training loop keeps: loss function, batch sampler, losses and start time.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model being trained (its loss function is built from it).
+    x, y : torch.Tensor
+        The client's training data.
+    rng : numpy.random.Generator
+        Seeded generator of the batch indices.
+
+    Attributes
+    ----------
+    loss_fn : callable
+        ``loss_fn(params, batch)`` (:func:`~flwr_analytic.meta.meta_gradient.make_loss_fn`).
+    sampler : BatchSampler
+        The minibatches.
+    losses : list of float
+        The loss recorded at every local step.
+
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, rng: np.random.Generator):
+        self.t0 = time.perf_counter()
+        self.loss_fn = make_loss_fn(model)
+        self.sampler = BatchSampler(x, y, rng)
+        self.losses: list[float] = []
+
+    def batch(self, params: tuple[Tensor, ...], size: int) -> Batch:
+        """Draw a batch of ``size`` rows and record the loss of ``params`` on it (no gradient)."""
+        batch = self.sampler.sample(size)
+        with torch.no_grad():
+            self.losses.append(float(self.loss_fn(params, batch)))
+        return batch
+
+    def result(
+        self, grad_evals: float, hvp_evals: float, samples: float, local_steps: int
+    ) -> LocalResult:
+        """The work counters, the mean recorded loss and the time since the start."""
+        return LocalResult(
+            metrics={
+                "train-loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+                "grad-evals": float(grad_evals),
+                "hvp-evals": float(hvp_evals),
+                "grad-equivalents": gradient_equivalents(grad_evals, hvp_evals),
+                "samples-processed": float(samples),
+                "local-steps": float(local_steps),
+                "train-time": time.perf_counter() - self.t0,
+            }
+        )
+
+
 def meta_train(
     model: nn.Module,
     x: Tensor,
@@ -160,35 +213,23 @@ def meta_train(
         Work counters and the mean outer loss.
 
     """
-    t0 = time.perf_counter()
-    loss_fn = make_loss_fn(model)
-    sampler = BatchSampler(x, y, rng)
+    run = LocalRun(model, x, y, rng)
+    sample = run.sampler.sample
     params = model_params(model)
     grad_evals = hvp_evals = samples = 0
-    losses = []
     for _ in range(config.local_steps):
-        inner = [sampler.sample(config.inner_batch_size) for _ in range(config.nu)]
-        outer = sampler.sample(config.outer_batch_size)
+        inner = [sample(config.inner_batch_size) for _ in range(config.nu)]
+        outer = sample(config.outer_batch_size)
         hess = None
         if config.hessian_batches == "independent" and config.mode != "first-order":
-            hess = [sampler.sample(config.hessian_batch_size) for _ in range(config.nu)]
+            hess = [sample(config.hessian_batch_size) for _ in range(config.nu)]
         res = meta_gradient(
-            loss_fn, params, inner, outer, config.alpha, config.mode, hess, config.delta
+            run.loss_fn, params, inner, outer, config.alpha, config.mode, hess, config.delta
         )
         params = tuple(p - config.beta * d for p, d in zip(params, res.direction, strict=True))
         grad_evals += res.grad_evals
         hvp_evals += res.hvp_evals
         samples += sum(len(b[1]) for b in [*inner, outer, *(hess or [])])
-        losses.append(res.outer_loss)
+        run.losses.append(res.outer_loss)
     load_params(model, params)
-    return LocalResult(
-        metrics={
-            "train-loss": float(np.mean(losses)) if losses else float("nan"),
-            "grad-evals": float(grad_evals),
-            "hvp-evals": float(hvp_evals),
-            "grad-equivalents": gradient_equivalents(grad_evals, hvp_evals),
-            "samples-processed": float(samples),
-            "local-steps": float(config.local_steps),
-            "train-time": time.perf_counter() - t0,
-        }
-    )
+    return run.result(grad_evals, hvp_evals, samples, config.local_steps)

@@ -13,13 +13,16 @@ from torch import Tensor, nn
 from flwr_analytic.data import ArrayDataset, FederatedSplit, federated_split, load_dataset
 from flwr_analytic.models import build_module, get_architecture
 
-#: ``(input_shape, num_classes)`` of the data sets the app knows without loading them.
-DATASET_INFO: dict[str, tuple[tuple[int, int, int], int]] = {
+#: ``(input_shape, num_classes)`` of the named data sets, known without loading them: the one table
+#: of both apps (the FedACnnL server builds its model from it; ``hub:`` data sets are loaded).
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "digits": ((1, 8, 8), 10),
     "mnist": ((1, 28, 28), 10),
     "fashion-mnist": ((1, 28, 28), 10),
     "cifar10": ((3, 32, 32), 10),
 }
+#: The old name of :data:`DATASET_SHAPES` (the same object).
+DATASET_INFO = DATASET_SHAPES
 
 
 @lru_cache(maxsize=4)
@@ -58,7 +61,10 @@ def load_federation(
 def client_tensors(
     cfg: Mapping[str, Any], partition_id: int, num_partitions: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x_train, y_train, x_test, y_test)`` of client ``partition_id`` as torch tensors."""
+    """``(x_train, y_train, x_test, y_test)`` of client ``partition_id`` as torch tensors.
+
+    ``cfg`` is a resolved run config (:func:`flwr_analytic.meta.config.resolve_run_config`).
+    """
     ds, fed = load_federation(
         str(cfg["dataset"]),
         str(cfg["partitioner"]),
@@ -79,7 +85,7 @@ def client_tensors(
 
 def build_model(cfg: Mapping[str, Any], seed: int | None = None) -> nn.Module:
     """Build the run's model ``cfg["model"]`` for ``cfg["dataset"]`` (seeded if ``seed`` is set)."""
-    shape, classes = DATASET_INFO[str(cfg["dataset"])]
+    shape, classes = DATASET_SHAPES[str(cfg["dataset"])]
     if seed is not None:
         torch.manual_seed(seed)
     return build_module(get_architecture(str(cfg["model"]), shape, classes))

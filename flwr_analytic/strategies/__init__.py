@@ -1,48 +1,63 @@
-"""Flower Message-API strategies of flwr-analytic."""
+"""Flower Message-API strategies of flwr-analytic, their wrappers and the apps' server side.
 
-from flwr_analytic.strategies.fedacnnl import FedACnnL, aggregate_personalized_evaluation
+``FedACnnL`` (one strategy: aggregation ``sorted`` | ``streaming``, release exact | DP, groups);
+wrappers that compose with any strategy: ``Metered`` (bytes, time, per-client metrics),
+``Checkpointed`` (resume), ``SortedReplies``, ``EvaluateRounds``; the ν-step meta strategies.
+"""
+
+from flwr_analytic.grid import InProcessGrid
+from flwr_analytic.strategies.checkpointing import Checkpointed
+from flwr_analytic.strategies.evaluation import (
+    aggregate_personalized_evaluation,
+    personalized_metrics_aggregation,
+)
+from flwr_analytic.strategies.fedacnnl import FedACnnL
 from flwr_analytic.strategies.fedacnnl_legacy import FedACnnLLegacy
 from flwr_analytic.strategies.fedacnnl_server import (
     build_fedacnnl_strategy,
     make_fedacnnl_server_app,
     run_fedacnnl,
 )
-from flwr_analytic.strategies.history import (
-    RoundHistoryMixin,
-    arrayrecord_nbytes,
-    personalized_metrics_aggregation,
-)
 from flwr_analytic.strategies.meta_baselines import (
     MeteredFedAvg,
     MeteredFedProx,
     build_meta_strategy,
 )
-from flwr_analytic.strategies.meta_server import (
-    InProcessGrid,
-    make_meta_server_app,
-    run_meta,
-    run_meta_in_process,
-)
+from flwr_analytic.strategies.meta_server import make_meta_server_app, run_meta, run_meta_in_process
+from flwr_analytic.strategies.metering import Metered
 from flwr_analytic.strategies.nu_step_meta import NuStepMetaFedAvg
 from flwr_analytic.strategies.pfedme import PFedMe
+from flwr_analytic.strategies.records import RoundLog, RoundRecord
+from flwr_analytic.strategies.utils import arrays_nbytes
+from flwr_analytic.strategies.wrapper import EvaluateRounds, SortedReplies, StrategyWrapper
+
+#: Former name of :func:`~flwr_analytic.strategies.utils.arrays_nbytes`.
+arrayrecord_nbytes = arrays_nbytes
 
 __all__ = [
+    "Checkpointed",
+    "EvaluateRounds",
     "FedACnnL",
     "FedACnnLLegacy",
     "InProcessGrid",
+    "Metered",
     "MeteredFedAvg",
     "MeteredFedProx",
     "NuStepMetaFedAvg",
     "PFedMe",
-    "RoundHistoryMixin",
+    "RoundLog",
+    "RoundRecord",
+    "SortedReplies",
+    "StrategyWrapper",
     "aggregate_personalized_evaluation",
     "arrayrecord_nbytes",
+    "arrays_nbytes",
     "build_fedacnnl_strategy",
     "build_meta_strategy",
     "make_fedacnnl_server_app",
     "make_meta_server_app",
     "personalized_metrics_aggregation",
     "run_fedacnnl",
-    "run_meta_in_process",
     "run_meta",
+    "run_meta_in_process",
 ]

@@ -25,9 +25,11 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy as LegacyStrategy
 
 from flwr_analytic.analytic import StatisticsError
+from flwr_analytic.analytic.server import ClientKey, LayerOutcome
 from flwr_analytic.clients.fedacnnl_legacy import list_to_packed, state_to_arrays
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.strategies.fedacnnl import FedACnnL
+from flwr_analytic.strategies.records import RoundLog, RoundRecord
 
 
 class FedACnnLLegacy(LegacyStrategy):
@@ -49,7 +51,7 @@ class FedACnnLLegacy(LegacyStrategy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.core = FedACnnL(*args, **kwargs)
-        if self.core.num_groups >= 2:
+        if self.core.server.num_groups >= 2:
             raise ValueError("group-wise models (num_groups >= 2) need the Message-API FedACnnL")
         self.evaluation: dict[str, Any] = {}
 
@@ -66,6 +68,11 @@ class FedACnnLLegacy(LegacyStrategy):
         """The server's :class:`~flwr_analytic.analytic.AnalyticNetwork`."""
         return self.core.net
 
+    @property
+    def history(self) -> RoundLog:
+        """The round records (:class:`~flwr_analytic.strategies.records.RoundLog`)."""
+        return self.core.history
+
     def _arrays(self) -> Parameters:
         return ndarrays_to_parameters(state_to_arrays(P.weights_state_dict(self.core.net)))
 
@@ -77,6 +84,12 @@ class FedACnnLLegacy(LegacyStrategy):
         )
         return sorted(clients, key=lambda c: str(c.cid))
 
+    def _config(self, server_round: int) -> dict[str, Any]:
+        config: dict[str, Any] = dict(P.network_config(self.core.net, self.core.batch_size))
+        config[P.SERVER_ROUND] = server_round
+        config[P.PERSONALIZE_LAYERS] = self.core.personalize_layers
+        return config
+
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Start over (no layer solved) and return the empty model."""
         self.core.reset()
@@ -86,27 +99,40 @@ class FedACnnLLegacy(LegacyStrategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Ask for the statistics of the next unsolved layer (nothing once all are solved)."""
-        if self.core.finished:
+        core = self.core
+        if core.finished:
             return []
-        config: dict[str, Any] = dict(P.network_config(self.core.net, self.core.batch_size))
-        config.update(
-            {
-                P.LAYER: self.core.net.solved_layers,
-                P.SERVER_ROUND: server_round,
-                P.PERSONALIZE_LAYERS: self.core.personalize_layers,
-            }
-        )
-        clients = self._sample(client_manager, self.core.fraction_train, self.core.min_train_nodes)
+        config = {**self._config(server_round), P.LAYER: core.server.layer}
+        clients = self._sample(client_manager, core.fraction_train, core.min_train_nodes)
         ins = FitIns(self._arrays(), config)
-        self.core._pending = {  # noqa: SLF001
-            "round": server_round,
-            "kind": "train",
-            "layer": self.core.net.solved_layers,
-            "t0": time.perf_counter(),
-            "num-sent": len(clients),
-            "bytes-sent": sum(len(t) for t in ins.parameters.tensors) * len(clients),
-        }
+        record = core.history.open(server_round, "train")
+        record.num_sent = len(clients)
+        record.bytes_sent = sum(len(t) for t in ins.parameters.tensors) * len(clients)
+        record.details["layer"] = core.server.layer
+        self._t0 = time.perf_counter()
         return [(client, ins) for client in clients]
+
+    def open_round(self, server_round: int, failures: list[Any]) -> tuple[RoundRecord, int]:
+        """The training record of ``server_round`` with the failures rejected; the layer."""
+        record = self.core.history.open(server_round, "train")
+        for failure in failures:
+            record.reject(-1, f"client failure: {failure!r}")
+        return record, self.core.server.layer
+
+    def close_round(self, record: RoundRecord, outcome: LayerOutcome) -> dict[str, Any]:
+        """Record the outcome of a training round; return Flower's metrics dict."""
+        record.details.update({"num-valid": outcome.num_valid, "solved": outcome.solved})
+        if outcome.partitions:
+            record.details["partitions"] = outcome.partitions
+        record.seconds = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+        return {
+            P.LAYER: outcome.layer,
+            "num-clients": outcome.num_valid,
+            "num-rejected": len(record.details.get("rejected", [])),
+            "bytes-sent": int(record.bytes_sent),
+            "bytes-received": int(record.bytes_received),
+            "round-time": float(record.seconds),
+        }
 
     def aggregate_fit(
         self,
@@ -115,41 +141,27 @@ class FedACnnLLegacy(LegacyStrategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Any]]:
         """Check every result, sum in ``partition-id`` order and solve the layer."""
-        core = self.core
-        layer = core.net.solved_layers
-        entry = core._train_entry(server_round)  # noqa: SLF001
-        for failure in failures:
-            core._reject(entry, -1, f"client failure: {failure!r}")  # noqa: SLF001
-        valid = []
-        received = 0
+        server = self.core.server
+        record, layer = self.open_round(server_round, failures)
         for proxy, res in results:
-            received += sum(len(t) for t in res.parameters.tensors)
+            record.bytes_received += sum(len(t) for t in res.parameters.tensors)
+            node = int(proxy.node_id) if hasattr(proxy, "node_id") else 0
             try:
-                stats = core.check_statistics(
+                stats = server.check(
                     list_to_packed(parameters_to_ndarrays(res.parameters)),
                     res.num_examples,
-                    layer,
                     res.metrics.get(P.LAYER),
+                    res.metrics,
                 )
+                server.contribute(ClientKey.of(res.metrics.get(P.PARTITION_ID), node), stats)
             except (StatisticsError, KeyError, ValueError, TypeError) as exc:
-                core._reject(entry, -1, f"client {proxy.cid}: {exc}")  # noqa: SLF001
-                continue
-            node = int(proxy.node_id) if hasattr(proxy, "node_id") else 0
-            valid.append((core.order_key(res.metrics.get(P.PARTITION_ID), node), stats))
-        entry["bytes-received"] = received
-        entry["num-replies"] = len(results)
-        solved = core.solve_layer(valid, entry)
-        entry["round-time"] = time.perf_counter() - entry.pop("t0")
-        core.history.append(entry)
-        metrics = {
-            P.LAYER: layer,
-            "num-clients": int(entry.get("num-valid", 0)),
-            "num-rejected": len(entry.get("rejected", [])),
-            "bytes-sent": int(entry.get("bytes-sent", 0)),
-            "bytes-received": received,
-            "round-time": float(entry["round-time"]),
-        }
-        return (self._arrays() if solved else None), metrics
+                record.reject(-1, f"client {proxy.cid}: {exc}")
+        record.num_replies = len(results)
+        outcome = server.close_layer()
+        for key, reason in outcome.duplicates:
+            record.reject(key.node, reason)
+        metrics = self.close_round(record, outcome)
+        return (self._arrays() if outcome.solved else None), metrics
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -158,15 +170,7 @@ class FedACnnLLegacy(LegacyStrategy):
         core = self.core
         if core.fraction_evaluate == 0.0 or not core.finished:
             return []
-        config: dict[str, Any] = dict(P.network_config(core.net, core.batch_size))
-        config.update(
-            {
-                P.SERVER_ROUND: server_round,
-                P.PERSONALIZE_LAYERS: core.personalize_layers,
-                P.LAM: float(core.lam),
-                P.LAM_RULE: core.lam_rule,
-            }
-        )
+        config = {**self._config(server_round), P.LAM: float(core.lam), P.LAM_RULE: core.lam_rule}
         clients = self._sample(client_manager, core.fraction_evaluate, core.min_evaluate_nodes)
         return [(client, EvaluateIns(self._arrays(), config)) for client in clients]
 

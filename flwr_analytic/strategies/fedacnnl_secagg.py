@@ -23,10 +23,8 @@ replaces the clipping SecAgg+ would silently apply.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import numpy as np
 from flwr.common import FitIns, FitRes, Parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -40,6 +38,7 @@ from flwr_analytic.analytic.privacy import (
     SecAggEncoding,
     rows_per_sample,
 )
+from flwr_analytic.analytic.server import LayerOutcome
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.strategies.fedacnnl_legacy import FedACnnLLegacy
 
@@ -113,25 +112,23 @@ class FedACnnLSecAgg(FedACnnLLegacy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Any]]:
-        """Decode the SecAgg+ sum, check it and solve the layer."""
-        core = self.core
-        layer = core.net.solved_layers
-        entry = core._train_entry(server_round)  # noqa: SLF001
+        """Decode the SecAgg+ sum of the ``K`` clients, check it and solve the layer from it."""
         # Flower 1.41's SecAggPlusWorkflow lists a client failing in the masked-vector stage twice
         # (two Exception objects wrapping the same reply error): count each error once
         unique = {id(f.args[0] if getattr(f, "args", None) else f): f for f in failures}
-        for failure in unique.values():
-            core._reject(entry, -1, f"client failure: {failure!r}")  # noqa: SLF001
-        entry["num-replies"] = len(results)
-        entry["secure-aggregation"] = "secagg+"
-        received = sum(len(t) for _, res in results[:1] for t in res.parameters.tensors)
-        entry["bytes-received"] = received
-        solved = False
+        record, layer = self.open_round(server_round, list(unique.values()))
+        server = self.core.server
+        record.num_replies = len(results)
+        record.details["secure-aggregation"] = "secagg+"
+        record.bytes_received = sum(
+            len(t) for _, res in results[:1] for t in res.parameters.tensors
+        )
+        outcome = LayerOutcome(layer, False, len(results), [], [])
         if results:
             try:
                 stats = self.decode(results, layer)
             except (StatisticsError, ValueError, TypeError) as exc:
-                core._reject(entry, -1, f"secure aggregate of layer {layer}: {exc}")  # noqa: SLF001
+                record.reject(-1, f"secure aggregate of layer {layer}: {exc}")
             else:
                 eps_g, eps_n = self.encoding.entry_tolerance(len(results))
                 self.aggregates[layer] = {
@@ -140,27 +137,13 @@ class FedACnnLSecAgg(FedACnnLLegacy):
                     "entry-tolerance": eps_g,
                     "count-tolerance": eps_n,
                 }
-                entry["secagg-entry-tolerance"] = eps_g
-                # One pseudo-reply: the sum of K clients (min_valid_replies counts clients).
-                # The sum as the first of K pseudo-replies (so min_valid_replies counts clients).
-                keyed = [((0, 0, 0), stats)]
-                keyed += [((0, k, 0), _empty_like(stats)) for k in range(1, len(results))]
-                solved = core.solve_layer(keyed, entry)
-                entry.pop("partitions", None)  # unknown under SecAgg+: nothing identifies clients
-        entry["round-time"] = time.perf_counter() - entry.pop("t0")
-        core.history.append(entry)
-        metrics = {
-            P.LAYER: layer,
-            "num-clients": len(results),
-            "num-rejected": len(entry.get("rejected", [])),
-            "bytes-received": received,
-            "round-time": float(entry["round-time"]),
-        }
-        return (self._arrays() if solved else None), metrics
-
-
-def _empty_like(stats: LayerStatistics) -> LayerStatistics:
-    return LayerStatistics(np.zeros_like(stats.gram), np.zeros_like(stats.cross), 0)
+                record.details["secagg-entry-tolerance"] = eps_g
+                # nothing identifies the clients under SecAgg+: the sum of K is solved as such
+                if len(results) >= server.min_valid_replies:
+                    server.solve(stats, len(results))
+                    outcome.solved, outcome.num_examples = True, int(stats.count)
+        metrics = self.close_round(record, outcome)
+        return (self._arrays() if outcome.solved else None), metrics
 
 
 def secaggplus_workflow(encoding: SecAggEncoding, num_shares: int | float = 1.0, **kwargs: Any):  # noqa: ANN201

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -18,49 +17,29 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Result, Strategy
 
-from flwr_analytic.analytic.privacy import dp_from_config
-from flwr_analytic.fedacnnl.config import (
-    architecture_for,
-    load_cached_dataset,
-    resolve_run_config,
-    split_from_config,
-)
+from flwr_analytic.analytic.privacy.release import DPRelease
+from flwr_analytic.fedacnnl.config import dp_config, resolve_run_config
+from flwr_analytic.fedacnnl.data import architecture_for, load_cached_dataset, split_from_config
 from flwr_analytic.models import build_module
-from flwr_analytic.strategies.fedacnnl import FedACnnL, _jsonable
-from flwr_analytic.strategies.fedacnnl_dp import DPFedACnnL
-from flwr_analytic.strategies.fedacnnl_streaming import StreamingFedACnnL
+from flwr_analytic.strategies.checkpointing import Checkpointed
+from flwr_analytic.strategies.fedacnnl import FedACnnL
+from flwr_analytic.strategies.metering import Metered
+from flwr_analytic.strategies.utils import arrays_digest, jsonable
 
 
 def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
-    """The FedACnnL strategy the (resolved) run config asks for.
+    """The :class:`FedACnnL` the (resolved) run config asks for (not yet wrapped).
 
-    ``aggregation = "sorted"`` gives :class:`FedACnnL`, ``"streaming"``
-    :class:`StreamingFedACnnL`; ``dp-noise-multiplier > 0`` gives :class:`DPFedACnnL` (sorted
-    aggregation only), whose checks and public ridge match clients that release Gaussian-noised
-    statistics with the same ``dp-noise-multiplier`` / ``dp-clip-norm`` / ``dp-target-bound``.
+    ``aggregation`` (``sorted`` | ``streaming``) and ``dp-noise-multiplier > 0`` (release policy
+    :class:`~flwr_analytic.analytic.privacy.release.DPRelease`: the checks and public ridge for
+    clients that release Gaussian-noised statistics with the same ``dp-*`` parameters) combine.
     """
     cfg = resolve_run_config(cfg)
     min_nodes = int(cfg["min-nodes"])
-    kinds: dict[str, type[FedACnnL]] = {"sorted": FedACnnL, "streaming": StreamingFedACnnL}
-    if cfg["aggregation"] not in kinds:
-        raise ValueError(
-            f"run-config 'aggregation' must be one of {', '.join(kinds)}, got {cfg['aggregation']!r}"
-        )
-    cls = kinds[str(cfg["aggregation"])]
-    extra: dict[str, Any] = {}
-    if cfg["aggregation"] == "streaming":
-        extra["max_in_flight"] = int(cfg["max-in-flight"])
-    dp = dp_from_config(cfg)
-    if dp.enabled:
-        if cfg["aggregation"] != "sorted":
-            raise ValueError(
-                "run-config 'dp-noise-multiplier' > 0 needs aggregation = 'sorted' "
-                f"(got {cfg['aggregation']!r}): DPFedACnnL sums the replies in partition order"
-            )
-        cls, extra["dp"] = DPFedACnnL, dp
-    return cls(
+    dp = dp_config(cfg)
+    return FedACnnL(
         architecture_for(cfg),
         str(cfg["scheme"]),
         gamma=float(cfg["gamma"]),
@@ -78,18 +57,18 @@ def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
         num_groups=int(cfg["num-groups"]),
-        checkpoint_path=str(cfg["checkpoint-path"]) or None,
-        **extra,
+        aggregation=str(cfg["aggregation"]),
+        max_in_flight=int(cfg["max-in-flight"]),
+        release=DPRelease(dp) if dp.enabled else None,
     )
 
 
-def arrays_digest(arrays: ArrayRecord) -> str:
-    """SHA-256 of the model tensors (key order), to compare runs bit for bit."""
-    h = hashlib.sha256()
-    for key in sorted(arrays.keys()):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(arrays[key].numpy()).tobytes())
-    return h.hexdigest()
+def wrap_fedacnnl_strategy(strategy: Strategy, cfg: Mapping[str, Any]) -> Strategy:
+    """``Metered(strategy)``, inside ``Checkpointed`` when ``checkpoint-path`` is set."""
+    wrapped: Strategy = Metered(strategy)
+    if cfg["checkpoint-path"]:
+        wrapped = Checkpointed(wrapped, str(cfg["checkpoint-path"]))
+    return wrapped
 
 
 def pooled_test_evaluation(cfg: Mapping[str, Any], num_partitions: int):
@@ -131,7 +110,7 @@ def run_fedacnnl(
     """
     cfg = resolve_run_config(run_config)
     random.seed(int(cfg["seed"]))  # Flower samples nodes with the global `random`
-    strategy = build_fedacnnl_strategy(cfg)
+    strategy = wrap_fedacnnl_strategy(build_fedacnnl_strategy(cfg), cfg)
     evaluate_fn = None
     if cfg["centralized-eval"]:
         evaluate_fn = pooled_test_evaluation(cfg, len(list(grid.get_node_ids())))
@@ -162,9 +141,10 @@ def run_fedacnnl(
         "bytes-received": int(sum(e.get("bytes-received", 0) for e in history)),
         "model-sha256": arrays_digest(result.arrays),
     }
-    if isinstance(strategy, DPFedACnnL):  # each client's (ε, δ) over the released layers
-        summary["privacy"] = strategy.privacy()
-    summary = _jsonable(summary)
+    privacy = strategy.privacy()  # each client's (ε, δ) over the released layers (DP)
+    if privacy is not None:
+        summary["privacy"] = privacy
+    summary = jsonable(summary)
     if cfg["results-path"]:
         path = Path(str(cfg["results-path"]))
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,24 +26,26 @@ from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from flwr_analytic.meta.config import local_steps_for, resolve_run_config
-from flwr_analytic.strategies.checkpoint import ResumableStartMixin
-from flwr_analytic.strategies.history import RoundHistoryMixin, personalized_metrics_aggregation
+from flwr_analytic.strategies.evaluation import personalized_metrics_aggregation
+from flwr_analytic.strategies.metering import Metered
 from flwr_analytic.strategies.nu_step_meta import NuStepMetaFedAvg
 from flwr_analytic.strategies.pfedme import PFedMe
+from flwr_analytic.strategies.wrapper import SortedReplies
 
 
-class MeteredFedAvg(ResumableStartMixin, RoundHistoryMixin, FedAvg):
-    """Flower's :class:`~flwr.serverapp.strategy.FedAvg` with a per-round history.
-
-    Resumable: set ``checkpoint_path`` (see :class:`~.checkpoint.ResumableStartMixin`).
-    """
+def metered(strategy: Strategy) -> Metered:
+    """``Metered(SortedReplies(strategy))``: a per-round history and node-id-ordered sums."""
+    return Metered(SortedReplies(strategy))
 
 
-class MeteredFedProx(ResumableStartMixin, RoundHistoryMixin, FedProx):
-    """Flower's :class:`~flwr.serverapp.strategy.FedProx` with a per-round history.
+def MeteredFedAvg(**kwargs: Any) -> Metered:  # noqa: N802 - kept name of the former class
+    """Flower's ``FedAvg(**kwargs)``, metered (:func:`metered`); the former class's name."""
+    return metered(FedAvg(**kwargs))
 
-    Resumable: set ``checkpoint_path`` (see :class:`~.checkpoint.ResumableStartMixin`).
-    """
+
+def MeteredFedProx(**kwargs: Any) -> Metered:  # noqa: N802 - kept name of the former class
+    """Flower's ``FedProx(**kwargs)``, metered (:func:`metered`); the former class's name."""
+    return metered(FedProx(**kwargs))
 
 
 def build_meta_strategy(
@@ -59,7 +61,9 @@ def build_meta_strategy(
     Returns
     -------
     (strategy, train_config, evaluate_config)
-        Pass the configs to ``strategy.start(train_config=..., evaluate_config=...)``.
+        The strategy, metered (:func:`metered`); pass the configs to
+        ``strategy.start(train_config=..., evaluate_config=...)``. Wrap it in
+        :class:`~flwr_analytic.strategies.checkpointing.Checkpointed` to resume after a crash.
 
     """
     cfg = resolve_run_config(run_config)
@@ -127,9 +131,7 @@ def build_meta_strategy(
             }
         )
         if algo == "fedprox":
-            strategy = MeteredFedProx(**common, proximal_mu=float(cfg["proximal-mu"]))
+            strategy = FedProx(**common, proximal_mu=float(cfg["proximal-mu"]))
         else:
-            strategy = MeteredFedAvg(**common)
-    # a checkpoint after every round; a restarted run with the same config resumes from it
-    strategy.checkpoint_path = str(cfg.get("checkpoint-path") or "") or None  # type: ignore[attr-defined]
-    return strategy, train_config, evaluate_config
+            strategy = FedAvg(**common)
+    return metered(strategy), train_config, evaluate_config

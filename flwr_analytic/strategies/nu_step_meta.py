@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from logging import INFO
-from pathlib import Path
+from typing import Any, TypedDict, Unpack
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
@@ -16,11 +16,123 @@ from flwr.serverapp.strategy import FedAvg
 
 from flwr_analytic.config_checks import check_choice, check_number
 from flwr_analytic.meta import HESSIAN_BATCH_POLICIES, MODES
-from flwr_analytic.strategies.checkpoint import ResumableStartMixin
-from flwr_analytic.strategies.history import RoundHistoryMixin, personalized_metrics_aggregation
+from flwr_analytic.strategies.evaluation import personalized_metrics_aggregation
 
 
-class NuStepMetaFedAvg(ResumableStartMixin, RoundHistoryMixin, FedAvg):
+class FedAvgOptions(TypedDict, total=False):
+    """Keyword arguments of Flower's :class:`~flwr.serverapp.strategy.FedAvg` (same defaults)."""
+
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    weighted_by_key: str
+    arrayrecord_key: str
+    configrecord_key: str
+    train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None
+    evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None
+
+
+def check_counts(minimum: int, **counts: Any) -> None:
+    """Raise ``ConfigError`` (naming the argument) unless every count is an integer >= minimum."""
+    for key, value in counts.items():
+        check_number(key, value, low=minimum, integer=True)
+
+
+class PersonalizedFedAvg(FedAvg):
+    """FedAvg that sends local-training settings to the clients and evaluates personalized models.
+
+    The base of :class:`NuStepMetaFedAvg` and :class:`~flwr_analytic.strategies.pfedme.PFedMe`.
+    :meth:`configure_train` adds :meth:`train_config` to every training ``ConfigRecord`` and
+    :meth:`configure_evaluate` adds :meth:`evaluate_config` (``finetune-steps``, ``finetune-lr`` =
+    :meth:`finetune_rate`, ``finetune-batch-size``) to every evaluation ``ConfigRecord``: clients
+    report their accuracy after test-time fine-tuning. Wrap it in
+    :class:`~flwr_analytic.strategies.wrapper.SortedReplies` (node-id-ordered sums),
+    :class:`~flwr_analytic.strategies.metering.Metered` (history) and
+    :class:`~flwr_analytic.strategies.checkpointing.Checkpointed` (resume), as
+    :func:`~flwr_analytic.strategies.meta_baselines.build_meta_strategy` does.
+
+    Parameters
+    ----------
+    finetune_steps : int (default: 5)
+        ``S``: clients report test accuracy after ``s = 0..S`` fine-tuning steps.
+    finetune_batch_size : int (default: 32)
+        Minibatch size of test-time fine-tuning.
+    **fedavg : FedAvgOptions
+        As in :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train`` in ``(0, 1]``,
+        ``fraction_evaluate`` in ``[0, 1]``); ``evaluate_metrics_aggr_fn`` defaults to
+        :func:`~flwr_analytic.strategies.evaluation.personalized_metrics_aggregation`
+        (sample-weighted and per-client statistics of the personalized accuracy).
+
+    """
+
+    #: Name of the strategy in :meth:`summary`.
+    settings_title = "PersonalizedFedAvg"
+
+    def __init__(
+        self,
+        *,
+        finetune_steps: int = 5,
+        finetune_batch_size: int = 32,
+        **fedavg: Unpack[FedAvgOptions],
+    ) -> None:
+        fedavg["evaluate_metrics_aggr_fn"] = (
+            fedavg.get("evaluate_metrics_aggr_fn") or personalized_metrics_aggregation
+        )
+        super().__init__(**fedavg)
+        # fail at construction, naming the argument and what is allowed (ConfigError: ValueError)
+        check_number("fraction_train", self.fraction_train, low=0.0, high=1.0, low_open=True)
+        check_number("fraction_evaluate", self.fraction_evaluate, low=0.0, high=1.0)
+        check_number("finetune_steps", finetune_steps, low=0, integer=True)
+        check_number("finetune_batch_size", finetune_batch_size, low=1, integer=True)
+        self.finetune_steps = finetune_steps
+        self.finetune_batch_size = finetune_batch_size
+
+    def finetune_rate(self) -> float:
+        """Step size of test-time fine-tuning, sent as ``finetune-lr`` (subclasses define it)."""
+        raise NotImplementedError
+
+    def settings(self) -> list[str]:
+        """Lines describing the strategy's own settings, logged by :meth:`summary`."""
+        return [f"fine-tuning steps at test: {self.finetune_steps}"]
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        rows = self.settings()
+        log(INFO, "\t├──> %s settings:", self.settings_title)
+        for k, row in enumerate(rows):
+            log(INFO, "\t│\t%s── %s", "└" if k == len(rows) - 1 else "├", row)
+        super().summary()
+
+    def train_config(self) -> dict[str, int | float | str]:
+        """Return the kebab-case keys injected into every training ``ConfigRecord``."""
+        return {}
+
+    def evaluate_config(self) -> dict[str, int | float]:
+        """Return the kebab-case keys injected into every evaluation ``ConfigRecord``."""
+        return {
+            "finetune-steps": int(self.finetune_steps),
+            "finetune-lr": float(self.finetune_rate()),
+            "finetune-batch-size": int(self.finetune_batch_size),
+        }
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure the next round of federated training."""
+        config.update(self.train_config())
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure the next round of federated (personalized) evaluation."""
+        config.update(self.evaluate_config())
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+
+class NuStepMetaFedAvg(PersonalizedFedAvg):
     r"""ν-step meta federated averaging.
 
     Implementation based on https://arxiv.org/abs/2504.21327 (the algorithm is inferred from the
@@ -48,37 +160,6 @@ class NuStepMetaFedAvg(ResumableStartMixin, RoundHistoryMixin, FedAvg):
 
     Parameters
     ----------
-    fraction_train : float (default: 1.0)
-        Fraction of nodes used during training. In case `min_train_nodes`
-        is larger than `fraction_train * total_connected_nodes`, `min_train_nodes`
-        will still be sampled.
-    fraction_evaluate : float (default: 1.0)
-        Fraction of nodes used during validation. In case `min_evaluate_nodes`
-        is larger than `fraction_evaluate * total_connected_nodes`,
-        `min_evaluate_nodes` will still be sampled.
-    min_train_nodes : int (default: 2)
-        Minimum number of nodes used during training.
-    min_evaluate_nodes : int (default: 2)
-        Minimum number of nodes used during validation.
-    min_available_nodes : int (default: 2)
-        Minimum number of total nodes in the system.
-    weighted_by_key : str (default: "num-examples")
-        The key within each MetricRecord whose value is used as the weight when
-        computing weighted averages for both ArrayRecords and MetricRecords.
-    arrayrecord_key : str (default: "arrays")
-        Key used to store the ArrayRecord when constructing Messages.
-    configrecord_key : str (default: "config")
-        Key used to store the ConfigRecord when constructing Messages.
-    train_metrics_aggr_fn : Optional[callable] (default: None)
-        Function with signature (list[RecordDict], str) -> MetricRecord,
-        used to aggregate MetricRecords from training round replies.
-        If `None`, defaults to `aggregate_metricrecords`, which performs a weighted
-        average using the provided weight factor key.
-    evaluate_metrics_aggr_fn : Optional[callable] (default: None)
-        Function with signature (list[RecordDict], str) -> MetricRecord,
-        used to aggregate MetricRecords from evaluation round replies.
-        If `None`, defaults to `personalized_metrics_aggregation` (sample-weighted and
-        per-client statistics of the personalized accuracy).
     nu : int (default: 1)
         Number of inner fine-tuning steps ν of the meta objective (0: FedAvg).
     alpha : float (default: 0.01)
@@ -104,26 +185,20 @@ class NuStepMetaFedAvg(ResumableStartMixin, RoundHistoryMixin, FedAvg):
         ``S``: clients report test accuracy after ``s = 0..S`` fine-tuning steps.
     finetune_batch_size : int (default: 32)
         Minibatch size of test-time fine-tuning.
-    checkpoint_path : str or Path, optional (default: None)
-        When set, ``start`` writes a checkpoint after every round (global arrays, server round,
-        Python's ``random`` state, history) and resumes from it when restarted with the same
-        configuration; see :class:`~flwr_analytic.strategies.checkpoint.ResumableStartMixin`.
+    **fedavg : FedAvgOptions
+        ``fraction_train``, ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``,
+        ``min_available_nodes``, ``weighted_by_key``, ``arrayrecord_key``, ``configrecord_key``,
+        ``train_metrics_aggr_fn`` and ``evaluate_metrics_aggr_fn``: as in
+        :class:`PersonalizedFedAvg`.
 
     """
 
-    # pylint: disable=too-many-arguments,too-many-positional-arguments,too-many-locals
+    settings_title = "NuStepMetaFedAvg"
+
+    # pylint: disable=too-many-arguments,too-many-locals
     def __init__(
         self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
-        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        *,
         nu: int = 1,
         alpha: float = 0.01,
         beta: float = 0.001,
@@ -136,38 +211,24 @@ class NuStepMetaFedAvg(ResumableStartMixin, RoundHistoryMixin, FedAvg):
         delta: float = 1e-3,
         finetune_steps: int = 5,
         finetune_batch_size: int = 32,
-        checkpoint_path: str | Path | None = None,
+        **fedavg: Unpack[FedAvgOptions],
     ) -> None:
         super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn or personalized_metrics_aggregation,
+            finetune_steps=finetune_steps, finetune_batch_size=finetune_batch_size, **fedavg
         )
-        # fail at construction, naming the argument and what is allowed (ConfigError: ValueError)
         check_number("nu", nu, low=0, integer=True)
         check_choice("mode", mode, MODES)
         check_choice("hessian_batches", hessian_batches, HESSIAN_BATCH_POLICIES)
         check_number("alpha", alpha, low=0.0)  # α = 0: no inner adaptation (FedAvg)
         check_number("beta", beta, low=0.0, low_open=True)
         check_number("delta", delta, low=0.0, low_open=True)
-        check_number("fraction_train", fraction_train, low=0.0, high=1.0, low_open=True)
-        check_number("fraction_evaluate", fraction_evaluate, low=0.0, high=1.0)
-        for key, value, low in (
-            ("local_steps", local_steps, 1),
-            ("inner_batch_size", inner_batch_size, 1),
-            ("outer_batch_size", outer_batch_size, 1),
-            ("hessian_batch_size", hessian_batch_size, 1),
-            ("finetune_steps", finetune_steps, 0),
-            ("finetune_batch_size", finetune_batch_size, 1),
-        ):
-            check_number(key, value, low=low, integer=True)
+        check_counts(
+            1,
+            local_steps=local_steps,
+            inner_batch_size=inner_batch_size,
+            outer_batch_size=outer_batch_size,
+            hessian_batch_size=hessian_batch_size,
+        )
         self.nu = nu
         self.alpha = alpha
         self.beta = beta
@@ -178,31 +239,20 @@ class NuStepMetaFedAvg(ResumableStartMixin, RoundHistoryMixin, FedAvg):
         self.hessian_batch_size = hessian_batch_size
         self.hessian_batches = hessian_batches
         self.delta = delta
-        self.finetune_steps = finetune_steps
-        self.finetune_batch_size = finetune_batch_size
-        self.checkpoint_path = checkpoint_path
 
-    def summary(self) -> None:
-        """Log summary configuration of the strategy."""
-        log(INFO, "\t├──> NuStepMetaFedAvg settings:")
-        log(INFO, "\t│\t├── nu: %s | mode: %s", self.nu, self.mode)
-        log(
-            INFO,
-            "\t│\t├── alpha: %s | beta: %s | local steps: %s",
-            self.alpha,
-            self.beta,
-            self.local_steps,
-        )
-        log(
-            INFO,
-            "\t│\t├── batches: inner %s | outer %s | hessian %s (%s)",
-            self.inner_batch_size,
-            self.outer_batch_size,
-            self.hessian_batch_size,
-            self.hessian_batches,
-        )
-        log(INFO, "\t│\t└── fine-tuning steps at test: %s", self.finetune_steps)
-        super().summary()
+    def finetune_rate(self) -> float:
+        """Step size of test-time fine-tuning: the inner step size ``alpha``."""
+        return self.alpha
+
+    def settings(self) -> list[str]:
+        """Lines describing the strategy's own settings, logged by :meth:`summary`."""
+        return [
+            f"nu: {self.nu} | mode: {self.mode}",
+            f"alpha: {self.alpha} | beta: {self.beta} | local steps: {self.local_steps}",
+            f"batches: inner {self.inner_batch_size} | outer {self.outer_batch_size} | "
+            f"hessian {self.hessian_batch_size} ({self.hessian_batches})",
+            *super().settings(),
+        ]
 
     def train_config(self) -> dict[str, int | float | str]:
         """Return the kebab-case keys injected into every training ``ConfigRecord``."""
@@ -219,27 +269,3 @@ class NuStepMetaFedAvg(ResumableStartMixin, RoundHistoryMixin, FedAvg):
             "hessian-batches": self.hessian_batches,
             "hf-delta": float(self.delta),
         }
-
-    def evaluate_config(self) -> dict[str, int | float]:
-        """Return the kebab-case keys injected into every evaluation ``ConfigRecord``."""
-        return {
-            "finetune-steps": int(self.finetune_steps),
-            "finetune-lr": float(self.alpha),
-            "finetune-batch-size": int(self.finetune_batch_size),
-        }
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Configure the next round of federated training."""
-        for key, value in self.train_config().items():
-            config[key] = value
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Configure the next round of federated (personalized) evaluation."""
-        for key, value in self.evaluate_config().items():
-            config[key] = value
-        return super().configure_evaluate(server_round, arrays, config, grid)

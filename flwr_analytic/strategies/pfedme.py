@@ -5,20 +5,17 @@ Paper: arxiv.org/abs/2006.08848
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from logging import INFO
+from collections.abc import Iterable
+from typing import Unpack
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common import log
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from flwr_analytic.config_checks import check_number
-from flwr_analytic.strategies.checkpoint import ResumableStartMixin
-from flwr_analytic.strategies.history import RoundHistoryMixin, personalized_metrics_aggregation
+from flwr_analytic.strategies.nu_step_meta import FedAvgOptions, PersonalizedFedAvg, check_counts
 
 
-class PFedMe(ResumableStartMixin, RoundHistoryMixin, FedAvg):
+class PFedMe(PersonalizedFedAvg):
     r"""Personalized FL with Moreau envelopes.
 
     Implementation based on https://arxiv.org/abs/2006.08848 (Algorithm 1).
@@ -37,11 +34,6 @@ class PFedMe(ResumableStartMixin, RoundHistoryMixin, FedAvg):
 
     Parameters
     ----------
-    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
-    weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn :
-        As in :class:`flwr.serverapp.strategy.FedAvg`.
-    evaluate_metrics_aggr_fn : Optional[callable] (default: None)
-        Defaults to `personalized_metrics_aggregation`.
     beta : float (default: 1.0)
         Server mixing weight β.
     lr : float (default: 0.005)
@@ -62,22 +54,19 @@ class PFedMe(ResumableStartMixin, RoundHistoryMixin, FedAvg):
         Test-time fine-tuning rate.
     finetune_batch_size : int (default: 32)
         Test-time fine-tuning minibatch size.
+    **fedavg : FedAvgOptions
+        As in :class:`~flwr_analytic.strategies.nu_step_meta.PersonalizedFedAvg` (Flower's
+        ``FedAvg`` arguments; ``evaluate_metrics_aggr_fn`` defaults to
+        ``personalized_metrics_aggregation``).
 
     """
 
-    # pylint: disable=too-many-arguments,too-many-positional-arguments,too-many-locals
+    settings_title = "pFedMe"
+
+    # pylint: disable=too-many-arguments,too-many-locals
     def __init__(
         self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
-        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        *,
         beta: float = 1.0,
         lr: float = 0.005,
         personal_lr: float = 0.09,
@@ -88,34 +77,16 @@ class PFedMe(ResumableStartMixin, RoundHistoryMixin, FedAvg):
         finetune_steps: int = 5,
         finetune_lr: float = 0.01,
         finetune_batch_size: int = 32,
+        **fedavg: Unpack[FedAvgOptions],
     ) -> None:
         super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn or personalized_metrics_aggregation,
+            finetune_steps=finetune_steps, finetune_batch_size=finetune_batch_size, **fedavg
         )
-        # fail at construction, naming the argument and what is allowed (ConfigError: ValueError)
         for key, value in (("beta", beta), ("lr", lr), ("personal_lr", personal_lr)):
             check_number(key, value, low=0.0, low_open=True)
         check_number("lam", lam, low=0.0)
         check_number("finetune_lr", finetune_lr, low=0.0)
-        check_number("fraction_train", fraction_train, low=0.0, high=1.0, low_open=True)
-        check_number("fraction_evaluate", fraction_evaluate, low=0.0, high=1.0)
-        for key, value, low in (
-            ("inner_steps", inner_steps, 1),
-            ("local_steps", local_steps, 1),
-            ("batch_size", batch_size, 1),
-            ("finetune_steps", finetune_steps, 0),
-            ("finetune_batch_size", finetune_batch_size, 1),
-        ):
-            check_number(key, value, low=low, integer=True)
+        check_counts(1, inner_steps=inner_steps, local_steps=local_steps, batch_size=batch_size)
         self.beta = beta
         self.lr = lr
         self.personal_lr = personal_lr
@@ -123,42 +94,37 @@ class PFedMe(ResumableStartMixin, RoundHistoryMixin, FedAvg):
         self.inner_steps = inner_steps
         self.local_steps = local_steps
         self.batch_size = batch_size
-        self.finetune_steps = finetune_steps
         self.finetune_lr = finetune_lr
-        self.finetune_batch_size = finetune_batch_size
         self._global: ArrayRecord | None = None
 
-    def summary(self) -> None:
-        """Log summary configuration of the strategy."""
-        log(INFO, "\t├──> pFedMe settings:")
-        log(
-            INFO,
-            "\t│\t├── beta: %s | lr: %s | personal lr: %s",
-            self.beta,
-            self.lr,
-            self.personal_lr,
-        )
-        log(
-            INFO,
-            "\t│\t└── lambda: %s | K: %s | local steps: %s",
-            self.lam,
-            self.inner_steps,
-            self.local_steps,
-        )
-        super().summary()
+    def finetune_rate(self) -> float:
+        """Step size of test-time fine-tuning: ``finetune_lr``."""
+        return self.finetune_lr
+
+    def settings(self) -> list[str]:
+        """Lines describing the strategy's own settings, logged by :meth:`summary`."""
+        return [
+            f"beta: {self.beta} | lr: {self.lr} | personal lr: {self.personal_lr}",
+            f"lambda: {self.lam} | K: {self.inner_steps} | local steps: {self.local_steps}",
+        ]
+
+    def train_config(self) -> dict[str, int | float | str]:
+        """Return the kebab-case keys injected into every training ``ConfigRecord``."""
+        return {
+            "local-algorithm": "pfedme",
+            "pfedme-lr": float(self.lr),
+            "pfedme-personal-lr": float(self.personal_lr),
+            "pfedme-lambda": float(self.lam),
+            "pfedme-k": int(self.inner_steps),
+            "local-steps": int(self.local_steps),
+            "batch-size": int(self.batch_size),
+        }
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Configure the next round of federated training (and remember ``w``)."""
         self._global = arrays
-        config["local-algorithm"] = "pfedme"
-        config["pfedme-lr"] = float(self.lr)
-        config["pfedme-personal-lr"] = float(self.personal_lr)
-        config["pfedme-lambda"] = float(self.lam)
-        config["pfedme-k"] = int(self.inner_steps)
-        config["local-steps"] = int(self.local_steps)
-        config["batch-size"] = int(self.batch_size)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -180,12 +146,3 @@ class PFedMe(ResumableStartMixin, RoundHistoryMixin, FedAvg):
             }
         )
         return mixed, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Configure the next round of federated (personalized) evaluation."""
-        config["finetune-steps"] = int(self.finetune_steps)
-        config["finetune-lr"] = float(self.finetune_lr)
-        config["finetune-batch-size"] = int(self.finetune_batch_size)
-        return super().configure_evaluate(server_round, arrays, config, grid)

@@ -3,8 +3,9 @@
 Everything started here runs with a private, unique base directory (``FLWR_HOME``, ``RAY_TMPDIR``)
 and is stopped by process id afterwards: the processes found by that unique directory in their
 command line or environment (the SuperLink that ``flwr run`` starts detached, the simulation
-process, Ray's workers), never by name. Used by the tests, ``benchmarks/`` and
-``docs/deployment.md``.
+process, Ray's workers), never by name. Test and benchmark tooling, not part of the package: the
+tests import it as ``flower_processes`` (pytest puts ``tests/`` on ``sys.path``), ``benchmarks/``
+after adding ``tests/`` to ``sys.path``; ``docs/deployment.md`` shows its use.
 """
 
 from __future__ import annotations

@@ -1,0 +1,476 @@
+"""The layer-wise analytic server: the state of a FedACnnL run and its operations, without Flower.
+
+FedACnnL (Gu et al., "Analytic Personalized Federated Meta-Learning", arXiv 2502.06915) trains one
+layer per round. In the round of layer ``l`` every client ``k`` sends ``(G_k, B_k, n_k)`` computed
+with the solved layers ``< l``; the server checks each contribution, sums them and solves
+
+    W_l = (ΣG_k + γI)⁻¹ ΣB_k        (output layer; hidden layers: the target scheme's rule)
+
+from the sum alone. Because ``ΣG_k`` is the pooled ``AᵀA``, the result equals centralized training on
+the pooled data for any partition. This module holds that state and those operations so that any
+transport (Flower's Message API, the legacy API, SecAgg+, a test harness) drives the same code:
+
+* :class:`ClientKey` — who contributed; the summation order (partition id, then node id).
+* :class:`SortedSum` / :class:`StreamingSum` — the *aggregation policy*: hold every contribution and
+  sum in key order (bit-reproducible whatever the arrival order), or add each one on arrival into one
+  float64 accumulator (memory ``O(D²)`` for any number of clients; equal to the sorted sum to
+  rounding).
+* :class:`LayerwiseServer` — the network being solved, the open sum of the current layer (kept
+  across retries), ``solve(total, num_contributors)`` through a *release policy*
+  (:mod:`flwr_analytic.analytic.privacy.release`: exact or differentially private statistics),
+  group-wise output layers, adding/removing clients, a configuration fingerprint and the
+  checkpoint state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from flwr_analytic.analytic.network import AnalyticNetwork
+from flwr_analytic.analytic.privacy.release import ExactRelease, ReleasePolicy
+from flwr_analytic.analytic.solvers import Regularization
+from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError, merge
+from flwr_analytic.analytic.targets import TargetScheme
+from flwr_analytic.analytic.updates import (
+    add_client_statistics,
+    remove_client_statistics,
+    solve_output_layer,
+)
+from flwr_analytic.models import Architecture
+
+#: Aggregation policies by name.
+AGGREGATIONS = ("sorted", "streaming")
+
+
+@dataclass(frozen=True, order=True)
+class ClientKey:
+    """A contributor and its place in the sum: by partition id (when known), then by node id."""
+
+    rank: int
+    partition: int
+    node: int
+
+    @classmethod
+    def of(cls, partition: int | None, node: int) -> ClientKey:
+        """Key of a reply claiming ``partition`` (``None`` or negative: unknown) from ``node``."""
+        if partition is not None and int(partition) >= 0:
+            return cls(0, int(partition), int(node))
+        return cls(1, int(node), int(node))
+
+    @property
+    def known(self) -> bool:
+        """Whether the contributor named its partition."""
+        return self.rank == 0
+
+
+@dataclass
+class LayerOutcome:
+    """What closing a layer's sum did: solved or not, from whom, and what was rejected."""
+
+    layer: int
+    solved: bool
+    num_valid: int
+    partitions: list[int]
+    duplicates: list[tuple[ClientKey, str]]
+    num_examples: int = 0
+    groups: list[list[int]] | None = None
+
+
+class SortedSum:
+    """Hold every contribution; sum them in :class:`ClientKey` order when the layer closes.
+
+    A second contribution for a partition already present is a duplicate: after sorting, the one
+    with the smaller node id is kept and the others are returned by :meth:`close` as rejected.
+    """
+
+    name = "sorted"
+
+    def __init__(self, dim: int, targets: int) -> None:
+        self.dim, self.targets = dim, targets
+        self.items: list[tuple[ClientKey, LayerStatistics]] = []
+
+    def add(self, key: ClientKey, stats: LayerStatistics) -> None:
+        """Keep ``stats`` for the sum."""
+        self.items.append((key, stats))
+
+    def close(self) -> list[tuple[ClientKey, str]]:
+        """Sort by key and drop duplicate partitions; return the dropped ones with a reason."""
+        seen: set[tuple[int, int]] = set()
+        kept, dropped = [], []
+        for key, stats in sorted(self.items, key=lambda kv: kv[0]):
+            if (key.rank, key.partition) in seen:
+                dropped.append((key, f"duplicate partition-id {key.partition}"))
+                continue
+            seen.add((key.rank, key.partition))
+            kept.append((key, stats))
+        self.items = kept
+        return dropped
+
+    @property
+    def keys(self) -> list[ClientKey]:
+        """The contributors (after :meth:`close`: unique, in summation order)."""
+        return [key for key, _ in self.items]
+
+    def members(self) -> list[tuple[ClientKey, LayerStatistics]]:
+        """Every contributor's statistics (for group-wise output layers)."""
+        return list(self.items)
+
+    def total(self) -> LayerStatistics:
+        """``(ΣG_k, ΣB_k, Σn_k)`` in key order."""
+        return merge(stats for _, stats in self.items)
+
+
+class StreamingSum:
+    """Add each contribution into float64 accumulators on arrival, then drop it.
+
+    Memory ``O(D²)`` whatever the number of clients; the sum follows arrival order, so it equals
+    :class:`SortedSum`'s to float64 rounding (relative ``~1e-15`` per addition), not bit for bit. A
+    contribution for a partition already added is rejected at once. With ``keep_members`` the
+    statistics are also kept (group-wise output layers need each client's; only for that layer).
+    """
+
+    name = "streaming"
+
+    def __init__(self, dim: int, targets: int, keep_members: bool = False) -> None:
+        self.dim, self.targets = dim, targets
+        self.gram, self.cross, self.count = np.zeros((dim, dim)), np.zeros((dim, targets)), 0
+        self.keys: list[ClientKey] = []
+        self.keep_members = keep_members
+        self.kept: list[tuple[ClientKey, LayerStatistics]] = []
+
+    def add(self, key: ClientKey, stats: LayerStatistics) -> None:
+        """Add ``stats`` to the sums; raise ``StatisticsError`` for a duplicate partition."""
+        if any((k.rank, k.partition) == (key.rank, key.partition) for k in self.keys):
+            raise StatisticsError(f"duplicate partition-id {key.partition}")
+        self.gram += stats.gram
+        self.cross += stats.cross
+        self.count += int(stats.count)
+        self.keys.append(key)
+        if self.keep_members:
+            self.kept.append((key, stats))
+
+    def close(self) -> list[tuple[ClientKey, str]]:
+        """Nothing to drop: duplicates were rejected on arrival."""
+        return []
+
+    def members(self) -> list[tuple[ClientKey, LayerStatistics]]:
+        """The kept contributions (``keep_members``), in arrival order."""
+        return list(self.kept)
+
+    def total(self) -> LayerStatistics:
+        """``(ΣG_k, ΣB_k, Σn_k)`` in arrival order, checked."""
+        return LayerStatistics(self.gram, self.cross, self.count).validate(self.dim, self.targets)
+
+
+LayerSum = SortedSum | StreamingSum
+
+
+class LayerwiseServer:
+    """State and operations of a layer-wise analytic (FedACnnL) run, independent of transport.
+
+    Parameters
+    ----------
+    architecture : Architecture
+        The network (``flwr_analytic.models.get_architecture``).
+    scheme : str, TargetScheme or a sequence of them (default: "label-pca")
+        Hidden-layer target scheme(s).
+    gamma, hidden_gamma : float (default: 1e-6, 1e-2)
+        Ridge of the output layer and of hidden layers that regress onto targets.
+    gamma_rule : {"relative", "absolute"} (default: "relative")
+        ``relative``: the ridge is ``gamma · trace(G)/D``; ``absolute``: ``gamma``.
+    seed : int (default: 0)
+        Seed of label encodings and random filters.
+    dtype : {"float64", "float32"} (default: "float64")
+        Precision of the clients' forward pass (sums are float64).
+    aggregation : {"sorted", "streaming"} (default: "sorted")
+        The aggregation policy (:class:`SortedSum` / :class:`StreamingSum`).
+    release : ReleasePolicy, optional
+        What clients release: :class:`~flwr_analytic.analytic.privacy.release.ExactRelease`
+        (default) or ``DPRelease`` (Gaussian-noised statistics, public ridge).
+    num_groups : int (default: 0)
+        ``>= 2``: one output layer per group of clients clustered by label distribution.
+    min_valid_replies : int (default: 1)
+        A layer is solved only from at least this many valid contributions.
+
+    """
+
+    def __init__(
+        self,
+        architecture: Architecture,
+        scheme: str | TargetScheme | Sequence[str | TargetScheme] = "label-pca",
+        *,
+        gamma: float = 1e-6,
+        hidden_gamma: float = 1e-2,
+        gamma_rule: str = "relative",
+        seed: int = 0,
+        dtype: str = "float64",
+        aggregation: str = "sorted",
+        release: ReleasePolicy | None = None,
+        num_groups: int = 0,
+        min_valid_replies: int = 1,
+    ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"aggregation: {aggregation!r} is not allowed; allowed values: sorted, streaming"
+            )
+        self.architecture, self.scheme = architecture, scheme
+        self.gamma, self.hidden_gamma, self.gamma_rule = gamma, hidden_gamma, gamma_rule
+        self.seed, self.dtype = seed, dtype
+        self.aggregation = aggregation
+        self.release: ReleasePolicy = release if release is not None else ExactRelease()
+        self.num_groups = int(num_groups)
+        self.min_valid_replies = max(1, int(min_valid_replies))
+        self.reset()
+
+    # ------------------------------------------------------------------------------- state
+    def reset(self) -> None:
+        """A fresh network (no layer solved), no statistics, no open sum."""
+        self.net = AnalyticNetwork(
+            self.architecture,
+            self.scheme,
+            hidden_reg=Regularization(self.hidden_gamma, self.gamma_rule),
+            output_reg=Regularization(self.gamma, self.gamma_rule),
+            seed=self.seed,
+            dtype=self.dtype,
+        )
+        #: summed statistics of every solved layer (the output layer's serve add/remove clients)
+        self.layer_statistics: dict[int, LayerStatistics] = {}
+        #: group-wise output layers: node id -> group, group -> ``W``
+        self.group_of_node: dict[int, int] = {}
+        self.group_weights: dict[int, np.ndarray] = {}
+        #: node id -> partition id, learned from contributions (to name absent clients)
+        self.node_partitions: dict[int, int] = {}
+        self.open_sum: LayerSum | None = None
+        self._open_layer = -1
+        self.advance_free_layers()
+
+    def advance_free_layers(self) -> None:
+        """Solve the layers that need no statistics (``random`` filters) after the solved ones."""
+        net = self.net
+        while net.solved_layers < net.num_layers and not net.needs_statistics(net.solved_layers):
+            net.solve(net.solved_layers, None)
+
+    @property
+    def layer(self) -> int:
+        """The next layer to solve."""
+        return self.net.solved_layers
+
+    @property
+    def finished(self) -> bool:
+        """Whether every layer is solved."""
+        return self.net.solved_layers == self.net.num_layers
+
+    @property
+    def num_rounds(self) -> int:
+        """Rounds needed: one per layer fitted from statistics."""
+        return sum(self.net.needs_statistics(layer) for layer in range(self.net.num_layers))
+
+    # ------------------------------------------------------------------ contributions, solve
+    def check(
+        self,
+        packed: Mapping[str, np.ndarray],
+        num_examples: Any,
+        claimed_layer: Any = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> LayerStatistics:
+        """Unpack and check one client's statistics of the current layer.
+
+        In order: the claimed layer, an integer ``num_examples``, the strict unpack (known keys,
+        sizes of this layer's ``D`` and ``m`` before any ``D x D`` allocation), the release
+        policy's checks (exact: float64, finite, symmetric, ``G[-1,-1] = n·L``, positive
+        semi-definite, label histogram; DP: what honest noisy statistics pass, and the announced
+        noise parameters) and ``count == num_examples``. Raises ``StatisticsError``.
+        """
+        layer = self.layer
+        if claimed_layer is not None:
+            if isinstance(claimed_layer, bool) or not isinstance(claimed_layer, int | np.integer):
+                raise StatisticsError(f"metric 'layer' must be an integer, got {claimed_layer!r}")
+            if int(claimed_layer) != layer:
+                raise StatisticsError(f"statistics of layer {claimed_layer}, expected {layer}")
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer):
+            raise StatisticsError(f"num-examples must be an integer, got {num_examples!r}")
+        dim, targets = self.net.design_dim(layer), self.net.num_targets(layer)
+        stats = LayerStatistics.unpack(packed, dim=dim, targets=targets, strict=True)
+        self.release.check(stats, self.net, layer, dict(metrics or {}))
+        if int(num_examples) != stats.count:
+            raise StatisticsError(f"num-examples={num_examples} but count={stats.count}")
+        return stats
+
+    def open_layer(self) -> LayerSum:
+        """The sum of the current layer: a new one, or the one of an unsolved earlier attempt."""
+        layer = self.layer
+        if self.open_sum is None or self._open_layer != layer:
+            dim, targets = self.net.design_dim(layer), self.net.num_targets(layer)
+            if self.aggregation == "sorted":
+                self.open_sum = SortedSum(dim, targets)
+            else:
+                keep = self.num_groups >= 2 and self.net.is_output(layer)
+                self.open_sum = StreamingSum(dim, targets, keep_members=keep)
+            self._open_layer = layer
+        return self.open_sum
+
+    @property
+    def carried(self) -> int:
+        """Valid contributions kept from an unsolved earlier attempt at the current layer."""
+        if self.open_sum is None or self._open_layer != self.layer:
+            return 0
+        return len(self.open_sum.keys)
+
+    def contribute(self, key: ClientKey, stats: LayerStatistics) -> None:
+        """Add a checked contribution to the current layer's sum."""
+        self.open_layer().add(key, stats)
+        if key.known:
+            self.node_partitions[key.node] = key.partition
+
+    def close_layer(self) -> LayerOutcome:
+        """Solve the current layer from its sum when it has ``min_valid_replies`` contributions.
+
+        Otherwise the sum stays open: a retry adds to it.
+        """
+        layer, open_sum = self.layer, self.open_layer()
+        duplicates = open_sum.close()
+        keys = open_sum.keys
+        outcome = LayerOutcome(
+            layer, False, len(keys), [k.partition for k in keys if k.known], duplicates
+        )
+        if len(keys) < self.min_valid_replies:
+            return outcome
+        total = open_sum.total()
+        self.solve(total, len(keys))
+        outcome.solved, outcome.num_examples = True, int(total.count)
+        if self.num_groups >= 2 and self.net.is_output(layer):
+            outcome.groups = self.solve_groups(open_sum.members())
+        self.open_sum = None
+        return outcome
+
+    def solve(self, total: LayerStatistics, num_contributors: int) -> np.ndarray:
+        """Solve the current layer from the summed statistics of ``num_contributors`` clients."""
+        layer = self.layer
+        w = self.release.solve(self.net, layer, total, num_contributors)
+        self.layer_statistics[layer] = total
+        self.advance_free_layers()
+        return w
+
+    def solve_groups(self, members: list[tuple[ClientKey, LayerStatistics]]) -> list[list[int]]:
+        """Cluster contributors by label distribution; solve one output layer per group.
+
+        The bias row of the output layer's ``B_k`` is client ``k``'s label histogram, so no extra
+        data is needed (seeded k-means++). Returns each group's members (partition ids, or node
+        ids when unknown).
+        """
+        from scipy.cluster.vq import kmeans2
+
+        hist = np.array([stats.cross[-1] / max(stats.rows, 1.0) for _, stats in members])
+        k = min(self.num_groups, len(members))
+        _, labels = kmeans2(hist, k, minit="++", seed=np.random.default_rng(self.seed))
+        self.group_of_node, weights, groups = {}, {}, []
+        for g in range(k):
+            group = [(key, stats) for (key, stats), lab in zip(members, labels) if lab == g]
+            if not group:
+                continue
+            total = merge(stats for _, stats in group)
+            weights[g] = self.release.group_weights(self.net, total, len(group))
+            for key, _ in group:
+                self.group_of_node[key.node] = g
+            groups.append([key.partition for key, _ in group])
+        self.group_weights = {g: weights[g] for g in sorted(weights)}
+        return groups
+
+    # ---------------------------------------------------------------- add / remove clients
+    def update_output(
+        self, statistics: Iterable[LayerStatistics | Mapping[str, np.ndarray]], *, remove: bool
+    ) -> tuple[np.ndarray, list[LayerStatistics]]:
+        """Re-solve the output layer with clients added (``(G + ΣG_j, B + ΣB_j)``) or removed.
+
+        Removal is checked (count stays >= 0, Gram stays PSD: ``StatisticsError``). Exact for the
+        whole model only with data-independent hidden layers (``linear``/``random``); otherwise
+        exact for the output layer given the hidden layers
+        (:mod:`flwr_analytic.analytic.updates`). Returns the new ``W`` and the statistics used.
+        """
+        layer = self.net.num_layers - 1
+        if not self.finished or layer not in self.layer_statistics:
+            raise RuntimeError(
+                "adding or removing clients needs a trained model and its output-layer statistics "
+                "(train it or restore a checkpoint first)"
+            )
+        changed = [
+            s if isinstance(s, LayerStatistics) else LayerStatistics.unpack(dict(s))
+            for s in statistics
+        ]
+        update = remove_client_statistics if remove else add_client_statistics
+        total = update(self.layer_statistics[layer], changed)
+        w = solve_output_layer(self.net, total)
+        self.layer_statistics[layer] = total
+        return w, changed
+
+    # ------------------------------------------------------------------ fingerprint, state
+    def fingerprint(self) -> dict[str, Any]:
+        """The configuration that determines the solved layers (compared when resuming)."""
+        arch = self.architecture
+        return {
+            "architecture": {
+                "name": arch.name,
+                "input-shape": list(arch.input_shape),
+                "num-classes": arch.num_classes,
+                "hidden": [{"type": type(s).__name__, **asdict(s)} for s in arch.hidden],
+            },
+            "schemes": [[s.name, s.encoding] for s in self.net.schemes],
+            "gamma": float(self.gamma),
+            "hidden-gamma": float(self.hidden_gamma),
+            "gamma-rule": self.gamma_rule,
+            "seed": int(self.seed),
+            "dtype": self.dtype,
+            "num-groups": int(self.num_groups),
+            "aggregation": self.aggregation,
+            **self.release.fingerprint(),
+        }
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The solved layers, their summed statistics and the groups as ``(arrays, meta)``."""
+        arrays: dict[str, np.ndarray] = {}
+        for layer in range(self.net.solved_layers):
+            arrays[f"weight-{layer}"] = np.asarray(self.net.weights[layer], dtype=np.float64)
+        for layer, stats in self.layer_statistics.items():
+            arrays[f"gram-{layer}"] = stats.gram
+            arrays[f"cross-{layer}"] = stats.cross
+            arrays[f"count-{layer}"] = np.asarray([stats.count], dtype=np.int64)
+        for group, w in self.group_weights.items():
+            arrays[f"group-weight-{group}"] = w
+        meta = {
+            "solved-layers": self.net.solved_layers,
+            "statistics-layers": sorted(self.layer_statistics),
+            "node-partitions": {str(k): v for k, v in self.node_partitions.items()},
+            "group-of-node": {str(k): v for k, v in self.group_of_node.items()},
+        }
+        return arrays, meta
+
+    def restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state` (on a server of the same configuration)."""
+        self.reset()
+        for layer in range(int(meta["solved-layers"])):
+            self.net.set_layer(layer, arrays[f"weight-{layer}"])
+        for layer in meta["statistics-layers"]:
+            count = int(arrays[f"count-{layer}"][0])
+            self.layer_statistics[int(layer)] = LayerStatistics(
+                arrays[f"gram-{layer}"], arrays[f"cross-{layer}"], count
+            )
+        groups = {int(k.rsplit("-", 1)[1]): v for k, v in arrays.items() if "group-weight-" in k}
+        self.group_weights = {g: groups[g] for g in sorted(groups)}
+        self.group_of_node = {int(k): int(v) for k, v in meta["group-of-node"].items()}
+        self.node_partitions = {int(k): int(v) for k, v in meta["node-partitions"].items()}
+        self.advance_free_layers()
+
+
+__all__ = [
+    "AGGREGATIONS",
+    "ClientKey",
+    "LayerOutcome",
+    "LayerSum",
+    "LayerwiseServer",
+    "SortedSum",
+    "StreamingSum",
+]

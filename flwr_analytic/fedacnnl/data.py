@@ -1,0 +1,146 @@
+"""Data and model of a FedACnnL run config: the model to build and each node's partition.
+
+The default per-node data loader of the client app (:func:`load_partition_from_config`) and the
+server's model (:func:`architecture_for`). The run config's keys are
+:data:`flwr_analytic.fedacnnl.config.RUN_CONFIG`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from flwr_analytic.config_checks import ConfigError, RunConfig, check_number, int_list
+from flwr_analytic.data import ArrayDataset, FederatedSplit, federated_split, load_dataset
+from flwr_analytic.fedacnnl.config import DATASET_SHAPES, resolve_run_config
+from flwr_analytic.models import Architecture, get_architecture
+
+if TYPE_CHECKING:
+    from flwr.app import Context
+
+
+def architecture_for(cfg: Mapping[str, Any]) -> Architecture:
+    """The model of a resolved run config (input shape from ``DATASET_SHAPES`` or the data)."""
+    name = str(cfg["dataset"])
+    if name in DATASET_SHAPES:
+        shape, classes = DATASET_SHAPES[name]
+    else:
+        data = load_cached_dataset(name, str(cfg["data-path"]), str(cfg["data-split"]))
+        shape, classes = data.input_shape, data.num_classes
+    kwargs: dict[str, Any] = {}
+    if cfg["model"] == "cnn":
+        if int_list(cfg["cnn-channels"]):
+            kwargs["channels"] = int_list(cfg["cnn-channels"])
+        kwargs["dense"] = int_list(cfg["cnn-dense"])
+    if cfg["model"] == "mlp" and int(cfg["mlp-hidden"]) > 0:
+        kwargs["hidden"] = int(cfg["mlp-hidden"])
+    return get_architecture(str(cfg["model"]), shape, classes, **kwargs)
+
+
+@functools.lru_cache(maxsize=2)
+def load_cached_dataset(name: str, path: str, split: str) -> ArrayDataset:
+    """:func:`~flwr_analytic.data.load_dataset`, cached per process (two data sets at most)."""
+    return load_dataset(name, path or None, split)
+
+
+def _data_split(cfg: RunConfig) -> str:
+    """The split of the data set that is partitioned (``all`` for a precomputed split)."""
+    return "all" if cfg["partitioner"] == "precomputed" else str(cfg["data-split"])
+
+
+@functools.lru_cache(maxsize=4)
+def _split(
+    name: str,
+    path: str,
+    split: str,
+    num_partitions: int,
+    method: str,
+    alpha: float,
+    classes_per_partition: int,
+    min_partition_size: int,
+    test_fraction: float,
+    seed: int,
+) -> FederatedSplit:
+    data = load_cached_dataset(name, path, split)
+    result = federated_split(
+        data,
+        num_partitions,
+        method,
+        alpha=alpha,
+        classes_per_partition=classes_per_partition,
+        min_partition_size=min_partition_size,
+        test_fraction=test_fraction,
+        seed=seed,
+    )
+    if result.num_clients != num_partitions:
+        raise ValueError(
+            f"the {method!r} split of {name} has {result.num_clients} clients but the federation "
+            f"has num-partitions={num_partitions}"
+        )
+    return result
+
+
+def _federation(cfg: RunConfig, num_partitions: int) -> FederatedSplit:
+    """:func:`split_from_config` of a resolved run config."""
+    check_number("num-partitions", num_partitions, low=1, integer=True)
+    if cfg["partitioner"] != "precomputed":
+        data = load_cached_dataset(
+            str(cfg["dataset"]), str(cfg["data-path"]), str(cfg["data-split"])
+        )
+        if int(num_partitions) > len(data):
+            raise ConfigError(
+                f"num-partitions: {num_partitions} clients is not allowed for {cfg['dataset']!r} "
+                f"({cfg['data-split']}) with {len(data)} samples; allowed: 1..{len(data)}"
+            )
+    return _split(
+        str(cfg["dataset"]),
+        str(cfg["data-path"]),
+        _data_split(cfg),
+        int(num_partitions),
+        str(cfg["partitioner"]),
+        float(cfg["dirichlet-alpha"]),
+        int(cfg["classes-per-partition"]),
+        int(cfg["min-partition-size"]),
+        float(cfg["test-fraction"]),
+        int(cfg["seed"]),
+    )
+
+
+def split_from_config(cfg: Mapping[str, Any], num_partitions: int) -> FederatedSplit:
+    """The :class:`FederatedSplit` that the run config describes (cached per process).
+
+    ``cfg`` may be a plain run config (it is resolved here) or a resolved one (used as is).
+    Raises :class:`~flwr_analytic.config_checks.ConfigError` naming ``num-partitions`` when the
+    federation has more clients than the data set has samples.
+    """
+    return _federation(resolve_run_config(cfg), num_partitions)
+
+
+def load_partition_from_config(context: Context) -> tuple[ArrayDataset, ArrayDataset]:
+    """Default loader: this node's ``(train, test)`` from the run config and node config.
+
+    Every node loads the data set, partitions it with the seeded partitioner of the run config into
+    ``num-partitions`` parts and keeps part ``partition-id`` (``precomputed`` uses the split stored
+    with the data, e.g. the 20-client Dirichlet(0.1) split of ``mnist70k.npz``). The client app
+    hands over a context whose run config it already resolved (used as is); a plain one is
+    resolved here.
+    """
+    cfg = resolve_run_config(context.run_config)
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise KeyError(
+            "node config needs 'partition-id' and 'num-partitions' (set by the simulation, or "
+            '`flower-supernode --node-config "partition-id=0 num-partitions=3"`)'
+        )
+    split = _federation(cfg, int(node["num-partitions"]))
+    data = load_cached_dataset(str(cfg["dataset"]), str(cfg["data-path"]), _data_split(cfg))
+    return split.client(data, int(node["partition-id"]))
+
+
+__all__ = [
+    "architecture_for",
+    "load_cached_dataset",
+    "load_partition_from_config",
+    "split_from_config",
+]
