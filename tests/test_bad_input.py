@@ -34,6 +34,8 @@ from flwr_analytic.analytic import (
     personalized_solve,
     ridge_solve,
 )
+from flwr_analytic.analytic.privacy import DPConfig
+from flwr_analytic.analytic.privacy.release import DPRelease
 from flwr_analytic.clients.fedacnnl_client import make_fedacnnl_client_app
 from flwr_analytic.config_checks import ConfigError, check_keys, closest_key
 from flwr_analytic.data import ArrayDataset, federated_split
@@ -41,7 +43,7 @@ from flwr_analytic.fedacnnl import LocalGrid
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.models import cnn, get_architecture, mlp
 from flwr_analytic.strategies.fedacnnl import FedACnnL
-from flwr_analytic.strategies.fedacnnl_streaming import StreamingFedACnnL
+from flwr_analytic.strategies.wrapper import StrategyWrapper
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 pytestmark = pytest.mark.faults
@@ -405,9 +407,15 @@ class FuzzGrid(LocalGrid):
     """
 
     def __init__(
-        self, client_app, num_honest: int, num_hostile: int, seed: int, honest_in_order=False
+        self,
+        client_app,
+        num_honest: int,
+        num_hostile: int,
+        seed: int,
+        honest_in_order=False,
+        run_config=None,
     ) -> None:
-        super().__init__(client_app, num_honest, seed=seed)
+        super().__init__(client_app, num_honest, run_config, seed=seed)
         self.honest_in_order = honest_in_order
         self.hostile = random.Random(seed + 1).sample(range(1, 2**63), num_hostile)
         assert not set(self.hostile) & set(self.contexts)
@@ -451,41 +459,99 @@ class FuzzGrid(LocalGrid):
         return ordered
 
 
-def _strategy(arch, streaming=False, **kwargs):
-    cls = StreamingFedACnnL if streaming else FedACnnL
-    return cls(arch, "label-pca", seed=2, fraction_evaluate=0.0, **kwargs)
+#: Mutations of values that honest Gaussian-noised statistics can also show (noise makes ``G``
+#: indefinite with negative diagonal entries, the label histogram fractional or negative, ``B``
+#: anything): the DP release cannot tell them from honest replies and accepts them. Every other
+#: kind (layout, types, sizes, non-finite values, asymmetry, counts, the bias entry ``G[-1,-1]``,
+#: which is released exactly, metrics) is rejected as without DP.
+DP_BLIND = {
+    "negative diagonal",
+    "|G_ij| > sqrt(G_ii G_jj)",
+    "indefinite 3x3 minor",
+    "label histogram + G[-1,-1]",
+    "label histogram negative",
+    "label histogram fractional",
+    "cross x 1e4",
+}
+#: Kinds the DP release rejects for another reason than the exact checks give (it skips the sign
+#: checks, so the count / bias-entry check catches them first).
+DP_REASONS = {"bias entry negative": "design rows", "gram negated": "design rows"}
+DP_RUN_CONFIG = {"dp-noise-multiplier": 1.0, "dp-clip-norm": 3.0, "dp-seed": 3}
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["sorted", "streaming"])
-def test_fuzzed_replies_are_rejected_and_weights_equal_honest_only(digits, caplog, streaming):
+def _strategy(arch, aggregation="sorted", release=None, **kwargs):
+    return FedACnnL(
+        arch,
+        "label-pca",
+        seed=2,
+        fraction_evaluate=0.0,
+        aggregation=aggregation,
+        release=release,
+        **kwargs,
+    )
+
+
+class DirectReplies(StrategyWrapper):
+    """The fuzz grid's own ``send_and_receive`` replies, also for streaming aggregation.
+
+    (The push/pull reply stream would bypass it; it is tested in ``test_fedacnnl_streaming.py``.)
+    """
+
+    def reply_grid(self, grid):
+        return grid
+
+
+@pytest.mark.parametrize("release", ["exact", "dp"])
+@pytest.mark.parametrize("aggregation", ["sorted", "streaming"])
+def test_fuzzed_replies_are_rejected_and_weights_equal_honest_only(
+    digits, caplog, aggregation, release
+):
+    """The 66 kinds of malformed replies against every aggregation x release combination."""
     split = federated_split(digits, NUM_HONEST, "dirichlet", alpha=0.5, seed=4)
     arch = cnn(digits.input_shape, 10, channels=ARCH_CHANNELS)
+    dp = release == "dp"
+    run_config = DP_RUN_CONFIG if dp else None
+    policy = DPRelease(DPConfig(1.0, clip_norm=3.0)) if dp else None
     app = make_fedacnnl_client_app(_loader(digits, split), cache=False)
 
-    honest = _strategy(arch, min_train_nodes=NUM_HONEST)
-    honest.start(LocalGrid(app, NUM_HONEST, seed=11))
+    honest = _strategy(arch, release=policy, min_train_nodes=NUM_HONEST)
+    honest.start(LocalGrid(app, NUM_HONEST, run_config, seed=11))
 
-    grid = FuzzGrid(app, NUM_HONEST, NUM_HOSTILE, seed=7, honest_in_order=streaming)
-    fuzzed = _strategy(arch, streaming, min_train_nodes=NUM_HONEST + NUM_HOSTILE)
-    # FedACnnL's loop hands the streaming aggregation the fuzzed replies directly (its push/pull
-    # reply stream would bypass the grid's send_and_receive; it is tested on its own elsewhere)
-    result = FedACnnL.start(fuzzed, grid)
+    streaming = aggregation == "streaming"
+    grid = FuzzGrid(
+        app, NUM_HONEST, NUM_HOSTILE, seed=7, honest_in_order=streaming, run_config=run_config
+    )
+    fuzzed = _strategy(arch, aggregation, policy, min_train_nodes=NUM_HONEST + NUM_HOSTILE)
+    result = DirectReplies(fuzzed).start(grid)
 
     rounds = [e for e in fuzzed.history if e["kind"] == "train"]
     assert len(rounds) == arch.num_layers == 3
     assert len(grid.sent) == 3 * NUM_HOSTILE >= 300
     kinds = Counter(kind for _, _, kind in grid.sent)
     assert set(kinds) == set(MUTATIONS)  # every kind was sent
+    passed_checks = set()  # kinds whose replies passed every check of the release
     for r, entry in enumerate(rounds, start=1):
         reasons = {item["node-id"]: item["reason"] for item in entry.get("rejected", [])}
+        sent = [(node, kind) for rr, node, kind in grid.sent if rr == r]
+        hostile = {node for node, _ in sent}
+        for node, kind in sent:
+            reason = reasons.get(node, "duplicate partition-id (kept)")
+            if reason.startswith("duplicate partition-id"):
+                passed_checks.add(kind)  # then only the partition it claims stops it
+                continue
+            expected = (DP_REASONS if dp else {}).get(kind, MUTATIONS[kind][1])
+            assert re.search(expected, reason), (kind, reason)
+        # a hostile reply that passed the checks claims an honest partition: one of the two is
+        # dropped as a duplicate; each partition is summed once
+        displaced = [n for n in reasons if n not in hostile]
+        assert all(reasons[n].startswith("duplicate partition-id") for n in displaced)
         assert entry["num-valid"] == NUM_HONEST
         assert result.train_metrics_clientapp[r]["num-clients"] == NUM_HONEST
-        sent = [(node, kind) for rr, node, kind in grid.sent if rr == r]
-        assert len(reasons) == len(sent) == NUM_HOSTILE  # exactly the hostile nodes
-        for node, kind in sent:
-            assert node in reasons, f"{kind} was not rejected"
-            assert re.search(MUTATIONS[kind][1], reasons[node]), (kind, reasons[node])
     assert caplog.text.count("Rejected reply from node") >= 3 * NUM_HOSTILE  # logged, with reason
+    if dp:  # exactly the value mutations that noisy statistics can show pass the DP checks
+        assert passed_checks == DP_BLIND
+        return
+    assert not passed_checks
     # the model is the honest nodes' model, bit for bit
     assert len(fuzzed.net.weights) == len(honest.net.weights)
     for w_fuzzed, w_honest in zip(fuzzed.net.weights, honest.net.weights, strict=True):

@@ -137,7 +137,9 @@ def test_aggregate_train_is_weighted_by_examples(grid):
     np.testing.assert_allclose(arrays["w"].numpy(), (10 * 1.0 + 30 * 3.0) / 40)
     assert metrics["train-loss"] == pytest.approx(2.5)
     # serialized size of the two 3-float arrays (npy header included)
-    assert strategy.history[0]["bytes-received"] == 2 * len(Array(np.zeros(3, dtype=np.float32)).data)
+    assert strategy.history[0]["bytes-received"] == 2 * len(
+        Array(np.zeros(3, dtype=np.float32)).data
+    )
     assert metrics["bytes-received"] == strategy.history[0]["bytes-received"]
 
 

@@ -42,6 +42,8 @@ from flwr_analytic.analytic.privacy import (
     solve_perturbation_bound,
     validate_released,
 )
+from flwr_analytic.analytic.privacy.release import DPRelease
+from flwr_analytic.analytic.server import ClientKey, LayerwiseServer
 from flwr_analytic.clients.fedacnnl_client import make_fedacnnl_client_app
 from flwr_analytic.clients.fedacnnl_secagg import make_secagg_client_app
 from flwr_analytic.data import federated_split
@@ -49,7 +51,6 @@ from flwr_analytic.fedacnnl import LocalGrid
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.models import get_architecture
 from flwr_analytic.strategies.fedacnnl import FedACnnL
-from flwr_analytic.strategies.fedacnnl_dp import DPFedACnnL
 from flwr_analytic.strategies.fedacnnl_secagg import FedACnnLSecAgg, run_secagg
 
 pytestmark = pytest.mark.faults
@@ -366,8 +367,13 @@ def test_dp_clients_and_dp_strategy_end_to_end(digits):
     rc = {"dp-noise-multiplier": 1.0, "dp-clip-norm": 3.0, "dp-seed": 11}
 
     def run(odd=None):  # noqa: ANN001, ANN202
-        strategy = DPFedACnnL(
-            arch, "random-standardized", seed=1, min_train_nodes=4, min_available_nodes=4, dp=dp
+        strategy = FedACnnL(
+            arch,
+            "random-standardized",
+            seed=1,
+            min_train_nodes=4,
+            min_available_nodes=4,
+            release=DPRelease(dp),
         )
         result = strategy.start(_dp_grid(digits, split, rc, odd))
         return strategy, result
@@ -405,18 +411,21 @@ def test_dp_statistics_are_rejected_by_the_exact_checks_but_accepted_by_the_dp_s
     assert np.diag(noisy.gram).min() < 0  # constant-zero pixels + noise
     packed = noisy.pack()
     with pytest.raises(StatisticsError):
-        FedACnnL(arch).check_statistics(packed, 30, 0)
-    strategy = DPFedACnnL(arch, dp=dp)
-    assert strategy.check_statistics(packed, 30, 0).count == 30
+        FedACnnL(arch).server.check(packed, 30, 0)
+    strategy = FedACnnL(arch, release=DPRelease(dp))
+    announced = {"dp-noise-multiplier": 2.0, "dp-clip-norm": 3.0}
+    assert strategy.server.check(packed, 30, 0, announced).count == 30
+    with pytest.raises(StatisticsError, match="dp-clip-norm"):  # another clip norm: refused
+        strategy.server.check(packed, 30, 0, {**announced, "dp-clip-norm": 2.0})
 
 
 def test_benchmark_solve_path_equals_the_dp_strategy(digits):
-    """``solve_noisy_layer`` (used by benchmarks/dp_accuracy.py) is DPFedACnnL's solve."""
+    """``solve_noisy_layer`` (used by benchmarks/dp_accuracy.py) is the DP release's solve."""
     split = _split(digits, 4)
     arch = get_architecture("linear", digits.input_shape, 10)
     dp = DPConfig(1.5, clip_norm=3.0)
-    strategy = DPFedACnnL(arch, gamma=1e-4, dp=dp)
-    net = AnalyticNetwork(arch, seed=0, output_reg=strategy.net.output_reg)
+    server = LayerwiseServer(arch, gamma=1e-4, release=DPRelease(dp))
+    net = AnalyticNetwork(arch, seed=0, output_reg=server.net.output_reg)
     released = [
         add_gaussian_noise(
             clipped_statistics(net, 0, digits.x[i], digits.y[i], dp),
@@ -425,13 +434,14 @@ def test_benchmark_solve_path_equals_the_dp_strategy(digits):
         )
         for k, i in enumerate(split.train)
     ]
-    entry: dict = {}
-    valid = [((0, k, k), s) for k, s in enumerate(released)]
-    assert strategy.solve_layer(valid, entry)
-    assert entry["num-valid"] == 4 and entry["dp-sigma"] == dp.sigma(1, 10)
+    for k, stats in enumerate(released):
+        server.contribute(ClientKey.of(k, k), stats)
+    outcome = server.close_layer()
+    assert outcome.solved and outcome.num_valid == 4
+    assert server.release.details(server.net, 0, 4)["dp-sigma"] == dp.sigma(1, 10)
     w = solve_noisy_layer(net, 0, released, dp.sigma(1, 10))
-    assert np.array_equal(w, strategy.net.weights[0])
-    assert net.output_reg == strategy.net.output_reg  # the ridge was restored
+    assert np.array_equal(w, server.net.weights[0])
+    assert net.output_reg == server.net.output_reg  # the ridge is an argument, never swapped
 
 
 def test_dp_off_by_default_leaves_statistics_unchanged(digits):
@@ -512,8 +522,18 @@ def test_dp_run_config_keys_select_the_dp_strategy_through_the_app(tmp_path):
     assert summary["privacy"]["epsilon"] == pytest.approx(gaussian_epsilon(math.sqrt(2), 1e-5))
     assert "privacy" not in plain and summary["model-sha256"] != plain["model-sha256"]
     assert 0.1 < summary["global-accuracy"] < plain["global-accuracy"] + 0.05
-    with pytest.raises(ValueError, match="aggregation = 'sorted'"):
-        build_fedacnnl_strategy(base | dp | {"aggregation": "streaming"})
+    # DP and streaming aggregation combine: the same noisy sums, added in arrival order
+    streamed_cfg = resolve_run_config(base | dp | {"aggregation": "streaming"})
+    grid = LocalGrid(make_fedacnnl_client_app(), 4, streamed_cfg)
+    streamed, streamed_summary = run_fedacnnl(grid, streamed_cfg)
+    sorted_result, _ = run_fedacnnl(LocalGrid(make_fedacnnl_client_app(), 4, cfg), cfg)
+    for key in sorted_result.arrays.keys():
+        a, b = streamed.arrays[key].numpy(), sorted_result.arrays[key].numpy()
+        assert np.abs(a - b).max() <= 1e-9 * np.abs(b).max(), key
+    assert [h["dp-ridge"] > 0 for h in streamed_summary["rounds"] if h["kind"] == "train"] == [
+        True,
+        True,
+    ]
     # a SuperNode's own node config enforces the noise when the clients' run config has none
     grid = LocalGrid(make_fedacnnl_client_app(), 4, resolve_run_config(base))
     for node, ctx in grid.contexts.items():

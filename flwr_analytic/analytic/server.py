@@ -162,8 +162,8 @@ class StreamingSum:
         return list(self.kept)
 
     def total(self) -> LayerStatistics:
-        """``(ΣG_k, ΣB_k, Σn_k)`` in arrival order, checked."""
-        return LayerStatistics(self.gram, self.cross, self.count).validate(self.dim, self.targets)
+        """``(ΣG_k, ΣB_k, Σn_k)`` in arrival order (checked by the release policy's solve)."""
+        return LayerStatistics(self.gram, self.cross, self.count)
 
 
 LayerSum = SortedSum | StreamingSum
@@ -359,11 +359,13 @@ class LayerwiseServer:
         """Cluster contributors by label distribution; solve one output layer per group.
 
         The bias row of the output layer's ``B_k`` is client ``k``'s label histogram, so no extra
-        data is needed (seeded k-means++). Returns each group's members (partition ids, or node
-        ids when unknown).
+        data is needed (seeded k-means++ over the clients in key order, so the groups do not depend
+        on arrival order). Returns each group's members (partition ids, or node ids when
+        unknown).
         """
         from scipy.cluster.vq import kmeans2
 
+        members = sorted(members, key=lambda kv: kv[0])  # arrival order must not matter
         hist = np.array([stats.cross[-1] / max(stats.rows, 1.0) for _, stats in members])
         k = min(self.num_groups, len(members))
         _, labels = kmeans2(hist, k, minit="++", seed=np.random.default_rng(self.seed))

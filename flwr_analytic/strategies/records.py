@@ -80,6 +80,9 @@ class RoundRecord:
     def __getitem__(self, key: str) -> Any:
         return self.as_dict()[key]
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.as_dict()
+
     def get(self, key: str, default: Any = None) -> Any:
         """``as_dict().get(key, default)``."""
         return self.as_dict().get(key, default)

@@ -222,6 +222,13 @@ class DPRelease:
             if not same:
                 raise StatisticsError(f"reply announces {key}={theirs}, the server expects {mine}")
         validate_released(stats, net.design_dim(layer), net.num_targets(layer))
+        # G[-1,-1] (the bias entry) is released exactly: n_k · L design rows
+        rows = net.rows_per_sample(layer)
+        if stats.rows != stats.count * rows:
+            raise StatisticsError(
+                f"bias entry G[-1,-1] = {stats.rows:g} design rows, expected count "
+                f"{stats.count} x {rows} rows per sample = {stats.count * rows}"
+            )
 
     def sigma(self, net: AnalyticNetwork, layer: int) -> float:
         """The clients' noise standard deviation ``σ = zΔ`` for ``layer``."""
