@@ -91,7 +91,7 @@ def test_streaming_configuration_errors():
     with pytest.raises(ValueError, match="aggregation"):
         build_fedacnnl_strategy({**BASE, "aggregation": "fast"})
     strategy = build_fedacnnl_strategy({**BASE, "aggregation": "streaming", "max-in-flight": 4})
-    assert strategy.aggregation == "streaming" and strategy.max_in_flight == 4
+    assert strategy.server.aggregation == "streaming" and strategy.max_in_flight == 4
     with pytest.raises(ValueError, match="max.in.flight"):
         build_fedacnnl_strategy({**BASE, "aggregation": "streaming", "max-in-flight": -1})
     context = Context(

@@ -10,11 +10,9 @@ from the sum alone. Because ``ΣG_k`` is the pooled ``AᵀA``, the result equals
 the pooled data for any partition. This module holds that state and those operations so that any
 transport (Flower's Message API, the legacy API, SecAgg+, a test harness) drives the same code:
 
-* :class:`ClientKey` — who contributed; the summation order (partition id, then node id).
-* :class:`SortedSum` / :class:`StreamingSum` — the *aggregation policy*: hold every contribution and
-  sum in key order (bit-reproducible whatever the arrival order), or add each one on arrival into one
-  float64 accumulator (memory ``O(D²)`` for any number of clients; equal to the sorted sum to
-  rounding).
+* the *aggregation policy* (:mod:`flwr_analytic.analytic.aggregation`): hold every contribution and
+  sum in :class:`ClientKey` order (bit-reproducible whatever the arrival order), or add each one on
+  arrival into one float64 accumulator (memory ``O(D²)`` for any number of clients);
 * :class:`LayerwiseServer` — the network being solved, the open sum of the current layer (kept
   across retries), ``solve(total, num_contributors)`` through a *release policy*
   (:mod:`flwr_analytic.analytic.privacy.release`: exact or differentially private statistics),
@@ -26,10 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
+from flwr_analytic.analytic.aggregation import (
+    AGGREGATIONS,
+    ClientKey,
+    LayerSum,
+    SortedSum,
+    StreamingSum,
+)
 from flwr_analytic.analytic.network import AnalyticNetwork
 from flwr_analytic.analytic.privacy.release import ExactRelease, ReleasePolicy
 from flwr_analytic.analytic.solvers import Regularization
@@ -42,29 +47,33 @@ from flwr_analytic.analytic.updates import (
 )
 from flwr_analytic.models import Architecture
 
-#: Aggregation policies by name.
-AGGREGATIONS = ("sorted", "streaming")
+
+class AnalyticOptions(TypedDict, total=False):
+    """Keyword options of :class:`LayerwiseServer` (also taken by ``FedACnnL``)."""
+
+    gamma: float
+    hidden_gamma: float
+    gamma_rule: str
+    seed: int
+    dtype: str
+    aggregation: str
+    release: Any
+    num_groups: int
+    min_valid_replies: int
 
 
-@dataclass(frozen=True, order=True)
-class ClientKey:
-    """A contributor and its place in the sum: by partition id (when known), then by node id."""
-
-    rank: int
-    partition: int
-    node: int
-
-    @classmethod
-    def of(cls, partition: int | None, node: int) -> ClientKey:
-        """Key of a reply claiming ``partition`` (``None`` or negative: unknown) from ``node``."""
-        if partition is not None and int(partition) >= 0:
-            return cls(0, int(partition), int(node))
-        return cls(1, int(node), int(node))
-
-    @property
-    def known(self) -> bool:
-        """Whether the contributor named its partition."""
-        return self.rank == 0
+#: Defaults of :class:`AnalyticOptions` (those of :class:`LayerwiseServer`).
+ANALYTIC_DEFAULTS: dict[str, Any] = {
+    "gamma": 1e-6,
+    "hidden_gamma": 1e-2,
+    "gamma_rule": "relative",
+    "seed": 0,
+    "dtype": "float64",
+    "aggregation": "sorted",
+    "release": None,
+    "num_groups": 0,
+    "min_valid_replies": 1,
+}
 
 
 @dataclass
@@ -78,95 +87,6 @@ class LayerOutcome:
     duplicates: list[tuple[ClientKey, str]]
     num_examples: int = 0
     groups: list[list[int]] | None = None
-
-
-class SortedSum:
-    """Hold every contribution; sum them in :class:`ClientKey` order when the layer closes.
-
-    A second contribution for a partition already present is a duplicate: after sorting, the one
-    with the smaller node id is kept and the others are returned by :meth:`close` as rejected.
-    """
-
-    name = "sorted"
-
-    def __init__(self, dim: int, targets: int) -> None:
-        self.dim, self.targets = dim, targets
-        self.items: list[tuple[ClientKey, LayerStatistics]] = []
-
-    def add(self, key: ClientKey, stats: LayerStatistics) -> None:
-        """Keep ``stats`` for the sum."""
-        self.items.append((key, stats))
-
-    def close(self) -> list[tuple[ClientKey, str]]:
-        """Sort by key and drop duplicate partitions; return the dropped ones with a reason."""
-        seen: set[tuple[int, int]] = set()
-        kept, dropped = [], []
-        for key, stats in sorted(self.items, key=lambda kv: kv[0]):
-            if (key.rank, key.partition) in seen:
-                dropped.append((key, f"duplicate partition-id {key.partition}"))
-                continue
-            seen.add((key.rank, key.partition))
-            kept.append((key, stats))
-        self.items = kept
-        return dropped
-
-    @property
-    def keys(self) -> list[ClientKey]:
-        """The contributors (after :meth:`close`: unique, in summation order)."""
-        return [key for key, _ in self.items]
-
-    def members(self) -> list[tuple[ClientKey, LayerStatistics]]:
-        """Every contributor's statistics (for group-wise output layers)."""
-        return list(self.items)
-
-    def total(self) -> LayerStatistics:
-        """``(ΣG_k, ΣB_k, Σn_k)`` in key order."""
-        return merge(stats for _, stats in self.items)
-
-
-class StreamingSum:
-    """Add each contribution into float64 accumulators on arrival, then drop it.
-
-    Memory ``O(D²)`` whatever the number of clients; the sum follows arrival order, so it equals
-    :class:`SortedSum`'s to float64 rounding (relative ``~1e-15`` per addition), not bit for bit. A
-    contribution for a partition already added is rejected at once. With ``keep_members`` the
-    statistics are also kept (group-wise output layers need each client's; only for that layer).
-    """
-
-    name = "streaming"
-
-    def __init__(self, dim: int, targets: int, keep_members: bool = False) -> None:
-        self.dim, self.targets = dim, targets
-        self.gram, self.cross, self.count = np.zeros((dim, dim)), np.zeros((dim, targets)), 0
-        self.keys: list[ClientKey] = []
-        self.keep_members = keep_members
-        self.kept: list[tuple[ClientKey, LayerStatistics]] = []
-
-    def add(self, key: ClientKey, stats: LayerStatistics) -> None:
-        """Add ``stats`` to the sums; raise ``StatisticsError`` for a duplicate partition."""
-        if any((k.rank, k.partition) == (key.rank, key.partition) for k in self.keys):
-            raise StatisticsError(f"duplicate partition-id {key.partition}")
-        self.gram += stats.gram
-        self.cross += stats.cross
-        self.count += int(stats.count)
-        self.keys.append(key)
-        if self.keep_members:
-            self.kept.append((key, stats))
-
-    def close(self) -> list[tuple[ClientKey, str]]:
-        """Nothing to drop: duplicates were rejected on arrival."""
-        return []
-
-    def members(self) -> list[tuple[ClientKey, LayerStatistics]]:
-        """The kept contributions (``keep_members``), in arrival order."""
-        return list(self.kept)
-
-    def total(self) -> LayerStatistics:
-        """``(ΣG_k, ΣB_k, Σn_k)`` in arrival order (checked by the release policy's solve)."""
-        return LayerStatistics(self.gram, self.cross, self.count)
-
-
-LayerSum = SortedSum | StreamingSum
 
 
 class LayerwiseServer:
@@ -385,13 +305,15 @@ class LayerwiseServer:
     # ---------------------------------------------------------------- add / remove clients
     def update_output(
         self, statistics: Iterable[LayerStatistics | Mapping[str, np.ndarray]], *, remove: bool
-    ) -> tuple[np.ndarray, list[LayerStatistics]]:
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """Re-solve the output layer with clients added (``(G + ΣG_j, B + ΣB_j)``) or removed.
 
         Removal is checked (count stays >= 0, Gram stays PSD: ``StatisticsError``). Exact for the
         whole model only with data-independent hidden layers (``linear``/``random``); otherwise
         exact for the output layer given the hidden layers
-        (:mod:`flwr_analytic.analytic.updates`). Returns the new ``W`` and the statistics used.
+        (:mod:`flwr_analytic.analytic.updates`); group-wise output layers are not updated. Returns
+        the new ``W`` and what changed (``layer``, ``num-clients``, ``num-examples-changed``,
+        ``num-examples``).
         """
         layer = self.net.num_layers - 1
         if not self.finished or layer not in self.layer_statistics:
@@ -407,7 +329,12 @@ class LayerwiseServer:
         total = update(self.layer_statistics[layer], changed)
         w = solve_output_layer(self.net, total)
         self.layer_statistics[layer] = total
-        return w, changed
+        return w, {
+            "layer": layer,
+            "num-clients": len(changed),
+            "num-examples-changed": int(sum(s.count for s in changed)),
+            "num-examples": int(total.count),
+        }
 
     # ------------------------------------------------------------------ fingerprint, state
     def fingerprint(self) -> dict[str, Any]:
@@ -469,10 +396,12 @@ class LayerwiseServer:
 
 __all__ = [
     "AGGREGATIONS",
+    "ANALYTIC_DEFAULTS",
+    "AnalyticOptions",
     "ClientKey",
     "LayerOutcome",
     "LayerSum",
     "LayerwiseServer",
     "SortedSum",
     "StreamingSum",
-]
+]  # the aggregation names are re-exported for the strategies' convenience

@@ -3,7 +3,8 @@
 :class:`~flwr_analytic.strategies.checkpointing.Checkpointed` writes one after every round of any
 strategy, and ``start()`` with the same configuration continues from it. A checkpoint is one
 ``.npz`` file written to ``<path>.tmp`` and moved over ``path`` with ``os.replace`` (atomic on
-POSIX and Windows), so a crash while writing leaves the previous checkpoint intact. It holds only plain numeric arrays and a JSON string (loaded with ``allow_pickle=False``).
+POSIX and Windows), so a crash while writing leaves the previous checkpoint intact. It holds only
+plain numeric arrays and a JSON string (loaded with ``allow_pickle=False``).
 
 Each checkpoint records a *fingerprint* of the configuration that determines the model; resuming with a
 different configuration raises :class:`CheckpointMismatchError` naming every differing key.

@@ -7,11 +7,10 @@ Flower: it samples nodes, builds messages, decodes replies and records rounds.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -19,18 +18,23 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from flwr_analytic.analytic import LayerStatistics, StatisticsError, TargetScheme
+from flwr_analytic.analytic import StatisticsError, TargetScheme
 from flwr_analytic.analytic.privacy.release import ReleasePolicy
-from flwr_analytic.analytic.server import ClientKey, LayerwiseServer
+from flwr_analytic.analytic.server import ANALYTIC_DEFAULTS, AnalyticOptions, LayerwiseServer
 from flwr_analytic.fedacnnl import protocol as P
-from flwr_analytic.models import Architecture, build_module
+from flwr_analytic.models import Architecture
 from flwr_analytic.strategies.evaluation import aggregate_personalized_evaluation
 from flwr_analytic.strategies.fedacnnl_checks import check_fedacnnl_arguments
-from flwr_analytic.strategies.fedacnnl_replies import decode_statistics_reply
+from flwr_analytic.strategies.fedacnnl_replies import (
+    check_reply,
+    failure_message,
+    name_absent,
+    round_metrics,
+)
 from flwr_analytic.strategies.layerwise_loop import run_layerwise
 from flwr_analytic.strategies.records import RoundLog, RoundRecord
 from flwr_analytic.strategies.streaming import ReplyStream
-from flwr_analytic.strategies.utils import sample_sorted
+from flwr_analytic.strategies.utils import retry_sample, sample_sorted
 
 
 class FedACnnL(Strategy):
@@ -120,47 +124,27 @@ class FedACnnL(Strategy):
         architecture: Architecture,
         scheme: str | TargetScheme | Sequence[str | TargetScheme] = "label-pca",
         *,
-        gamma: float = 1e-6,
-        hidden_gamma: float = 1e-2,
-        gamma_rule: str = "relative",
         lam: float = 0.1,
         lam_rule: str = "relative",
         personalize_layers: str = "last",
-        seed: int = 0,
-        dtype: str = "float64",
         batch_size: int = 256,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
-        min_valid_replies: int = 1,
         max_retries: int = 1,
         accept_failures: bool = True,
-        aggregation: str = "sorted",
-        release: ReleasePolicy | None = None,
-        num_groups: int = 0,
         max_in_flight: int = 64,
         pull_interval: float = 0.05,
         weighted_by_key: str = P.NUM_EXAMPLES,
         arrayrecord_key: str = P.ARRAYS_KEY,
         configrecord_key: str = P.CONFIG_KEY,
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        **analytic: Unpack[AnalyticOptions],
     ) -> None:
-        check_fedacnnl_arguments(dict(locals()))
-        self.server = LayerwiseServer(
-            architecture,
-            scheme,
-            gamma=gamma,
-            hidden_gamma=hidden_gamma,
-            gamma_rule=gamma_rule,
-            seed=seed,
-            dtype=dtype,
-            aggregation=aggregation,
-            release=release,
-            num_groups=num_groups,
-            min_valid_replies=min_valid_replies,
-        )
+        check_fedacnnl_arguments({**locals(), **ANALYTIC_DEFAULTS, **analytic})
+        self.server = LayerwiseServer(architecture, scheme, **analytic)
         self.architecture, self.scheme = architecture, scheme
         self.lam, self.lam_rule, self.personalize_layers = lam, lam_rule, personalize_layers
         self.batch_size = batch_size
@@ -176,7 +160,6 @@ class FedACnnL(Strategy):
         )
         self.reset()
 
-    # ------------------------------------------------------------------------------- state
     def reset(self) -> None:
         """Start over: no layer solved, an empty history."""
         self.server.reset()
@@ -201,11 +184,6 @@ class FedACnnL(Strategy):
         return self.server.finished
 
     @property
-    def aggregation(self) -> str:
-        """``sorted`` or ``streaming``."""
-        return self.server.aggregation
-
-    @property
     def release(self) -> ReleasePolicy:
         """The release policy (exact or DP statistics)."""
         return self.server.release
@@ -213,10 +191,6 @@ class FedACnnL(Strategy):
     def global_arrays(self) -> ArrayRecord:
         """The solved layers as a float64 ``ArrayRecord`` of the ``SpecNet`` ``state_dict``."""
         return ArrayRecord(P.weights_state_dict(self.net))
-
-    def initial_arrays(self) -> ArrayRecord:
-        """An ``ArrayRecord`` of a fresh ``build_module(arch)`` (its values are not used)."""
-        return ArrayRecord(build_module(self.architecture).state_dict())
 
     def group_arrays(self, group: int) -> ArrayRecord:
         """The output layer of ``group`` as float64 ``state_dict`` entries."""
@@ -239,24 +213,12 @@ class FedACnnL(Strategy):
             self.fraction_train, self.fraction_evaluate, self.min_train_nodes,
             self.min_evaluate_nodes, self.min_available_nodes)  # fmt: skip
 
-    # ---------------------------------------------------------------------------- messages
     def _config(self, config: ConfigRecord | None, server_round: int) -> ConfigRecord:
         out = ConfigRecord(dict(config or {}))
         out.update(P.network_config(self.net, self.batch_size))
         out[P.SERVER_ROUND] = server_round
         out[P.PERSONALIZE_LAYERS] = self.personalize_layers
         return out
-
-    def _retry_nodes(self, grid: Grid, answered: set[int]) -> list[int]:
-        """Nodes of a retry: connected nodes without valid statistics of the layer.
-
-        Topped up to the usual sample size; it does not wait for nodes to reconnect (all gone:
-        nothing is sent).
-        """
-        connected = list(grid.get_node_ids())
-        wanted = max(int(len(connected) * self.fraction_train), self.min_train_nodes)
-        pool = [n for n in connected if n not in answered]
-        return sorted(random.sample(pool, min(len(pool), max(0, wanted - len(answered)))))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -270,7 +232,7 @@ class FedACnnL(Strategy):
         layer = self.server.layer
         if self.server.carried:
             answered = {key.node for key in self.server.open_layer().keys}
-            node_ids = self._retry_nodes(grid, answered)
+            node_ids = retry_sample(grid, answered, self.fraction_train, self.min_train_nodes)
         else:
             node_ids = sample_sorted(
                 grid, self.fraction_train, self.min_train_nodes, self.min_available_nodes
@@ -287,18 +249,6 @@ class FedACnnL(Strategy):
             layer + 1, self.net.num_layers, self.net.design_dim(layer), len(node_ids))  # fmt: skip
         return [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in node_ids]
 
-    def _check(self, msg: Message) -> tuple[ClientKey, LayerStatistics]:
-        key, packed, metrics = decode_statistics_reply(msg, self.weighted_by_key)
-        try:
-            stats = self.server.check(
-                packed, metrics[self.weighted_by_key], metrics[P.LAYER], metrics
-            )
-        except StatisticsError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - never let a malformed reply stop the round
-            raise StatisticsError(f"malformed reply ({type(exc).__name__}: {exc})") from exc
-        return key, stats
-
     def _reject(self, record: RoundRecord, node: int, reason: str) -> None:
         log(WARNING, "Rejected reply from node %d: %s", node, reason)
         record.reject(node, reason)
@@ -314,9 +264,8 @@ class FedACnnL(Strategy):
         ``max_retries`` such attempts at one layer, raises ``RuntimeError`` naming it.
         """
         t0, layer = time.perf_counter(), self.server.layer
-        record, details = self.history.open(server_round, "train"), {"layer": layer}
-        record.details.update(details)
-        carried = self.server.carried
+        record, carried = self.history.open(server_round, "train"), self.server.carried
+        record.details["layer"] = layer
         failed, replied, compute, check_time, num_replies = [], set(), [], 0.0, 0
         for msg in replies:
             t_msg, node = time.perf_counter(), int(msg.metadata.src_node_id)
@@ -327,7 +276,7 @@ class FedACnnL(Strategy):
                 self._reject(record, node, f"client error: {msg.error.reason}")
                 continue
             try:
-                key, stats = self._check(msg)
+                key, stats = check_reply(self.server, msg, self.weighted_by_key)
                 self.server.contribute(key, stats)
             except StatisticsError as exc:
                 self._reject(record, node, str(exc))
@@ -343,84 +292,42 @@ class FedACnnL(Strategy):
         outcome = self.server.close_layer()
         for key, reason in outcome.duplicates:
             self._reject(record, key.node, reason)
-        absent = self._name_absent(record, server_round, replied, failed)
-        record.details.update(
-            {
-                "num-valid": outcome.num_valid,
-                "partitions": outcome.partitions,
-                "num-examples": outcome.num_examples,
-                "solved": outcome.solved,
-                "client-compute-time": float(sum(compute)),
-                "client-compute-time-max": float(max(compute, default=0.0)),
-                "aggregate-time": check_time,
-                "solve-time": time.perf_counter() - t_solve,
-                **self.release.details(self.net, layer, outcome.num_valid),
-            }
-        )
+        sent, known = self._sent.pop(server_round, []), self.server.node_partitions
+        absent = name_absent(record, sent, replied, failed, known)
+        if absent["num-missing"]:
+            log(WARNING, "aggregate_train: %d replies missing (timeout or disconnect): "
+                "partitions %s, nodes %s", absent["num-missing"],
+                absent.get("missing-partitions", []), absent.get("missing-nodes", []))  # fmt: skip
+            if not self.accept_failures:
+                raise RuntimeError(
+                    f"{absent['num-missing']} replies missing (accept_failures=False)"
+                )
+        timings = {"compute": compute, "check": check_time, "solve": time.perf_counter() - t_solve}
+        extra = self.release.details(self.net, layer, outcome.num_valid)
+        metrics = round_metrics(record, outcome, absent, timings, extra)
         if outcome.groups is not None:
-            record.details["groups"] = outcome.groups
             log(INFO, "group-wise output layers: %d groups of sizes %s",
                 len(outcome.groups), [len(g) for g in outcome.groups])  # fmt: skip
         log(INFO, "aggregate_train: layer %d/%d from %d/%d replies (%d rejected), %.2f s",
             layer + 1, self.net.num_layers, outcome.num_valid, record.num_replies,
-            len(record.details.get("rejected", [])), time.perf_counter() - t0)  # fmt: skip
-        metrics = MetricRecord(
-            {
-                P.LAYER: layer,
-                "num-clients": outcome.num_valid,
-                "num-rejected": len(record.details.get("rejected", [])),
-                "num-examples": outcome.num_examples,
-                **absent,
-            }
-        )
+            metrics["num-rejected"], time.perf_counter() - t0)  # fmt: skip
         if outcome.solved:
             return self.global_arrays(), metrics
         self._attempts[layer] = self._attempts.get(layer, 0) + 1
         if self._attempts[layer] > self.max_retries:
-            raise RuntimeError(self._failure_message(layer))
+            raise RuntimeError(
+                failure_message(
+                    self.history,
+                    layer,
+                    self.server.min_valid_replies,
+                    self.max_retries,
+                    self.net.solved_layers,
+                )  # fmt: skip
+            )
         log(WARNING, "layer %d: %d valid replies < min_valid_replies=%d; retry %d of %d",
             layer, outcome.num_valid, self.server.min_valid_replies, self._attempts[layer],
             self.max_retries)  # fmt: skip
         return None, metrics
-
-    def _name_absent(
-        self, record: RoundRecord, server_round: int, replied: set[int], failed: list[int]
-    ) -> dict[str, Any]:
-        """Name the failed and missing (no reply by the timeout) clients; return their counts."""
-        missing = sorted(set(self._sent.pop(server_round, [])) - replied)
-        num_missing = max(len(missing), record.num_sent - record.num_replies)
-        out: dict[str, Any] = {"num-missing": num_missing, "num-failed": len(failed)}
-        for kind, nodes in (("failed", sorted(failed)), ("missing", missing)):
-            if nodes:
-                known = sorted(self.server.node_partitions[n] for n in nodes
-                               if n in self.server.node_partitions)  # fmt: skip
-                out[f"{kind}-nodes"] = nodes
-                if known:
-                    out[f"{kind}-partitions"] = known
-        record.details.update(
-            {k: v for k, v in out.items() if k != "num-failed" and (k != "num-missing" or v)}
-        )
-        if num_missing:
-            log(WARNING, "aggregate_train: %d replies missing (timeout or disconnect): "
-                "partitions %s, nodes %s", num_missing, out.get("missing-partitions", []),
-                missing)  # fmt: skip
-            if not self.accept_failures:
-                raise RuntimeError(f"{num_missing} replies missing (accept_failures=False)")
-        return out
-
-    def _failure_message(self, layer: int) -> str:
-        tried = [r for r in self.history if r.kind == "train" and r.details.get("layer") == layer]
-        last = tried[-1].details if tried else {}
-        absent = [f"{kind} {who} {last[f'{kind}-{who}']}" for kind in ("missing", "failed")
-                  for who in ("partitions", "nodes") if last.get(f"{kind}-{who}")][:2]  # fmt: skip
-        return (
-            f"layer {layer} could not be solved: {last.get('num-valid', 0)} valid replies "
-            f"(min_valid_replies={self.server.min_valid_replies}) after {len(tried)} attempts "
-            f"(rounds {[r.round for r in tried]}, max_retries={self.max_retries})"
-            + (f"; last attempt: {', '.join(absent)}" if absent else "")
-            + f"; {len(last.get('rejected', []))} replies rejected; the "
-            f"{self.net.solved_layers} solved layers are kept in the strategy"
-        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -466,7 +373,6 @@ class FedACnnL(Strategy):
         record.metrics = dict(metrics) if metrics is not None else {}
         return metrics
 
-    # -------------------------------------------------------------------------------- loop
     def start(
         self,
         grid: Grid,
@@ -477,14 +383,10 @@ class FedACnnL(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Run FedACnnL: one training round per fitted layer (plus retries), then evaluation.
+        """Run FedACnnL: one round per fitted layer (plus retries), then evaluation.
 
-        Flower's ``Strategy.start`` runs a fixed number of rounds and calls ``evaluate_fn`` on the
-        model of every round; FedACnnL needs one round per fitted layer plus retries, can evaluate
-        only the complete model, and streaming aggregation needs replies as they arrive, so it runs
-        :func:`~flwr_analytic.strategies.layerwise_loop.run_layerwise` (same calls, same order).
-        ``num_rounds`` below the number of fitted layers raises ``ValueError``; ``initial_arrays``
-        is only checked against the architecture's keys.
+        Flower's ``Strategy.start`` cannot express it (fixed rounds, ``evaluate_fn`` on incomplete
+        models, replies as a list): :func:`~.layerwise_loop.run_layerwise` (same calls, order).
         """
         return run_layerwise(
             self, grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
@@ -493,20 +395,15 @@ class FedACnnL(Strategy):
 
     def reply_grid(self, grid: Grid) -> Grid:
         """The grid the loop talks to: ``grid``, or a :class:`ReplyStream` over it (streaming)."""
-        if self.aggregation == "streaming":
+        if self.server.aggregation == "streaming":
             return ReplyStream(grid, self.pull_interval, self.max_in_flight)
         return grid
-
-    def history_records(self) -> list[dict[str, Any]]:
-        """The per-round history as JSON-serializable dicts."""
-        return self.history.as_dicts()
 
     def privacy(self) -> dict[str, Any] | None:
         """The release policy's report (DP: each client's ``(ε, δ)``), ``None`` when exact."""
         released = sum(1 for r in self.history if r.kind == "train")
         return self.release.report(released or self.num_rounds)
 
-    # ------------------------------------------------------- checkpoint protocol, clients
     def checkpoint_fingerprint(self) -> dict[str, Any]:
         """What determines the solved layers (:meth:`LayerwiseServer.fingerprint`) + batch size."""
         return {"strategy": "FedACnnL", **self.server.fingerprint(), "batch-size": self.batch_size}
@@ -540,21 +437,12 @@ class FedACnnL(Strategy):
         return self._update_output(statistics, remove=True)
 
     def _update_output(self, statistics: Iterable[Any], *, remove: bool) -> np.ndarray:
-        w, changed = self.server.update_output(statistics, remove=remove)
+        w, details = self.server.update_output(statistics, remove=remove)
         kind = "remove-clients" if remove else "add-clients"
-        last = max((r.round for r in self.history), default=0)
-        record = self.history.open(last, kind)
-        record.details.update(
-            {
-                "layer": self.net.num_layers - 1,
-                "num-clients": len(changed),
-                "num-examples-changed": int(sum(s.count for s in changed)),
-                "num-examples": int(self.server.layer_statistics[self.net.num_layers - 1].count),
-            }
-        )
+        self.history.open(max((r.round for r in self.history), default=0), kind).details = details
         if self.server.group_weights:
             log(WARNING, "%s: the group-wise output layers are not updated", kind)
-        log(INFO, "%s: %d clients, output layer re-solved", kind, len(changed))
+        log(INFO, "%s: %d clients, output layer re-solved", kind, details["num-clients"])
         return w
 
 

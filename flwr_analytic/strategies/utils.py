@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,4 +71,23 @@ def sample_sorted(grid: Grid, fraction: float, minimum: int, min_available: int)
     return sorted(node_ids)
 
 
-__all__ = ["arrays_digest", "arrays_nbytes", "jsonable", "message_nbytes", "sample_sorted"]
+def retry_sample(grid: Grid, answered: set[int], fraction: float, minimum: int) -> list[int]:
+    """Nodes of a retry: connected nodes not in ``answered``, topped up to the usual sample size.
+
+    Unlike :func:`sample_sorted` it does not wait for nodes to (re)connect: with every remaining
+    node gone it returns nothing, so a retry fails at once instead of blocking.
+    """
+    connected = list(grid.get_node_ids())
+    wanted = max(int(len(connected) * fraction), minimum)
+    pool = [n for n in connected if n not in answered]
+    return sorted(random.sample(pool, min(len(pool), max(0, wanted - len(answered)))))
+
+
+__all__ = [
+    "arrays_digest",
+    "arrays_nbytes",
+    "jsonable",
+    "message_nbytes",
+    "retry_sample",
+    "sample_sorted",
+]
