@@ -13,7 +13,7 @@ run's bit for bit whenever the clients' work depends only on what the server sen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -153,26 +153,21 @@ class Checkpointed(StrategyWrapper):
         grid: Grid,
         initial_arrays: ArrayRecord | None = None,
         num_rounds: int | None = None,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        **kwargs: Any,
     ) -> Result:
         """Resume from the checkpoint if there is one, then run the wrapped strategy's loop.
 
-        The loops start at round 1 from ``initial_arrays``; a resumed run must start at round
-        ``r + 1`` from the saved arrays, so this wrapper shifts every round number the loop uses
-        by ``r`` (the only reason it overrides ``start``).
+        Other arguments as Flower's ``Strategy.start``. The loops start at round 1 from
+        ``initial_arrays``; a resumed run must start at round ``r + 1`` from the saved arrays, so
+        this wrapper shifts every round number the loop uses by ``r`` (the only reason it
+        overrides ``start``).
         """
-        self._fp = self.fingerprint(initial_arrays, train_config, evaluate_config)
+        configs = (kwargs.get("train_config"), kwargs.get("evaluate_config"))
+        self._fp = self.fingerprint(initial_arrays, *configs)
         self.offset = 0
         if self.path.is_file():
-            initial_arrays = (
-                self.restore(initial_arrays, train_config, evaluate_config) or initial_arrays
-            )
-        offset = self.offset
-        kwargs: dict[str, Any] = {"timeout": timeout, "train_config": train_config,
-                                  "evaluate_config": evaluate_config}  # fmt: skip
+            initial_arrays = self.restore(initial_arrays, *configs) or initial_arrays
+        offset, evaluate_fn = self.offset, kwargs.get("evaluate_fn")
         if num_rounds is not None:
             kwargs["num_rounds"] = max(0, num_rounds - offset)
         if evaluate_fn is not None:

@@ -373,25 +373,15 @@ class FedACnnL(Strategy):
         record.metrics = dict(metrics) if metrics is not None else {}
         return metrics
 
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord | None = None,
-        num_rounds: int | None = None,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
+    def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Result:
         """Run FedACnnL: one round per fitted layer (plus retries), then evaluation.
 
-        Flower's ``Strategy.start`` cannot express it (fixed rounds, ``evaluate_fn`` on incomplete
-        models, replies as a list): :func:`~.layerwise_loop.run_layerwise` (same calls, order).
+        Arguments as Flower's ``Strategy.start`` (``initial_arrays`` optional and only checked,
+        ``num_rounds`` defaults to the fitted layers). Flower's loop cannot express FedACnnL
+        (fixed rounds, ``evaluate_fn`` on incomplete models, replies as a list), so it runs
+        :func:`~.layerwise_loop.run_layerwise` (the same calls in the same order).
         """
-        return run_layerwise(
-            self, grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
-            evaluate_fn,
-        )  # fmt: skip
+        return run_layerwise(self, grid, *args, **kwargs)
 
     def reply_grid(self, grid: Grid) -> Grid:
         """The grid the loop talks to: ``grid``, or a :class:`ReplyStream` over it (streaming)."""
