@@ -102,6 +102,10 @@ class Constraint:
             self.fail(key, value)
         return value
 
+    def typed(self, value: Any) -> Any:
+        """An allowed ``value`` as the type it stands for (here: itself)."""
+        return value
+
 
 @dataclass(frozen=True)
 class Interval(Constraint):
@@ -129,6 +133,10 @@ class Interval(Constraint):
         bad_low = self.low is not None and (v <= self.low if low_open else v < self.low)
         bad_high = self.high is not None and (v >= self.high if high_open else v > self.high)
         return not (bad_low or bad_high)
+
+    def typed(self, value: Any) -> Any:
+        """An allowed ``value`` as :attr:`kind` (``1`` -> ``1.0`` for a number interval)."""
+        return self.kind(value)
 
     def __str__(self) -> str:
         kind = "an integer" if self.kind is int else "a number"
@@ -304,17 +312,27 @@ class RunConfig(dict[str, Any]):
     __setitem__ = __delitem__ = __ior__ = _read_only
     clear = pop = popitem = setdefault = update = _read_only
 
-    def __copy__(self) -> RunConfig:
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> RunConfig:
         return self
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> RunConfig:
-        return self
+    __copy__ = __deepcopy__
 
     def __reduce__(self) -> tuple[type[dict], tuple[dict[str, Any]]]:
         return dict, (dict(self),)
 
     def __repr__(self) -> str:
         return f"RunConfig({dict.__repr__(self)})"
+
+    def kwargs(self, *keys: str, **renamed: str) -> dict[str, Any]:
+        """Keyword arguments of values, each typed by its row (:meth:`Constraint.typed`).
+
+        A key names its keyword in snake case; ``renamed`` maps other keywords to their keys:
+        ``cfg.kwargs("lam-rule", inner_steps="pfedme-k")`` is ``{"lam_rule": "relative",
+        "inner_steps": 5}``.
+        """
+        named = {key.replace("-", "_"): key for key in keys} | renamed
+        rows = self._table.params
+        return {name: rows[key].constraint.typed(self[key]) for name, key in named.items()}
 
 
 class ConfigTable:
@@ -365,17 +383,16 @@ class ConfigTable:
     def check(self, key: str, value: Any) -> Any:
         """``value`` if ``key`` is known and allows it (rules between keys aside).
 
-        Raises
-        ------
-        UnknownKeyError
-            For an unknown ``key``, naming the closest known key.
-        ConfigError
-            For a value that is not allowed, naming the key and what is allowed.
-
+        Raises :class:`UnknownKeyError` for an unknown ``key``, naming the closest known key, and
+        :class:`ConfigError` for a value that is not allowed, naming the key and what is allowed.
         """
         if key not in self.params:
             check_keys([key], self.params, self.where)
         return self.params[key].constraint.check(key, value)
+
+    def check_overrides(self, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+        """A new ``dict`` of ``overrides`` (an app factory's ``run_config``), each :meth:`check`-ed."""
+        return {key: self.check(key, value) for key, value in (overrides or {}).items()}
 
     def resolve(self, given: Mapping[str, Any] | None = None) -> RunConfig:
         """Defaults overridden by ``given``, every key and value checked, as a :class:`RunConfig`.
@@ -396,8 +413,7 @@ class ConfigTable:
         given = dict(given or {})
         check_keys(given, self.params, self.where)
         values = {key: given.get(key, p.default) for key, p in self.params.items()}
-        for key in given:
-            self.params[key].constraint.check(key, values[key])
+        self.check_overrides(given)
         if self.cross_check is not None:
             self.cross_check(values)
         return RunConfig(values, self)

@@ -56,6 +56,31 @@ def upper_mask(dim: int) -> np.ndarray:
     return mask
 
 
+def _check_cauchy_schwarz(
+    values: np.ndarray,
+    bound: np.ndarray,
+    margins: tuple[float, float],
+    claim: str,
+    names: tuple[str, str],
+    offset: int = 0,
+) -> None:
+    """Raise :class:`StatisticsError` where ``|values|`` exceeds its Cauchy–Schwarz ``bound``.
+
+    ``margins = (tol, slack)``: an entry fails when ``|v| > bound (1 + tol) + slack``. The message
+    starts with ``claim`` and names the worst entry and the product under its root with the
+    templates ``names`` (``{i}``: row + ``offset``, ``{j}``: column), e.g. ``"G[{i},{j}]"``.
+    """
+    tol, slack = margins
+    excess = np.abs(values) - bound * (1 + tol) - slack
+    if np.any(excess > 0):
+        i, j = np.unravel_index(int(np.argmax(excess)), excess.shape)
+        entry, product = (name.format(i=offset + int(i), j=int(j)) for name in names)
+        raise StatisticsError(
+            f"{claim}: |{entry}| = {abs(values[i, j]):.6g} exceeds sqrt({product}) = "
+            f"{bound[i, j]:.6g} (Cauchy–Schwarz)"
+        )
+
+
 @dataclass
 class LayerStatistics:
     """Sufficient statistics ``(G, B, n)`` of one layer on one data set.
@@ -255,25 +280,22 @@ class LayerStatistics:
         step = max(1, _BLOCK_ELEMENTS // max(1, self.dim))  # rows per block: O(block) memory
         for start in range(0, self.dim, step):
             rows = slice(start, min(start + step, self.dim))
-            bound = np.outer(root[rows], root)
-            excess = np.abs(g[rows]) - bound * (1 + tol) - slack
-            if np.any(excess > 0):
-                i, j = np.unravel_index(int(np.argmax(excess)), excess.shape)
-                raise StatisticsError(
-                    f"gram is not positive semi-definite: |G[{start + i},{j}]| = "
-                    f"{abs(g[start + i, j]):.6g} exceeds sqrt(G[{start + i},{start + i}]·G[{j},{j}])"
-                    f" = {bound[i, j]:.6g} (Cauchy–Schwarz)"
-                )
+            _check_cauchy_schwarz(
+                g[rows],
+                np.outer(root[rows], root),
+                (tol, slack),
+                "gram is not positive semi-definite",
+                ("G[{i},{j}]", "G[{i},{i}]·G[{j},{j}]"),
+                start,
+            )
         if labels:
-            cbound = np.outer(root, np.sqrt(np.maximum(self.cross[-1], 0.0)))
-            cexcess = np.abs(self.cross) - cbound * (1 + tol) - slack
-            if np.any(cexcess > 0):
-                i, c = np.unravel_index(int(np.argmax(cexcess)), cexcess.shape)
-                raise StatisticsError(
-                    f"cross is not AᵀY of one-hot labels: |B[{i},{c}]| = "
-                    f"{abs(self.cross[i, c]):.6g} exceeds sqrt(G[{i},{i}]·B[-1,{c}]) = "
-                    f"{cbound[i, c]:.6g} (Cauchy–Schwarz)"
-                )
+            _check_cauchy_schwarz(
+                self.cross,
+                np.outer(root, np.sqrt(np.maximum(self.cross[-1], 0.0))),
+                (tol, slack),
+                "cross is not AᵀY of one-hot labels",
+                ("B[{i},{j}]", "G[{i},{i}]·B[-1,{j}]"),
+            )
         if self.dim > max_dim:
             return
         inv = np.divide(1.0, root, out=np.zeros_like(root), where=root > 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -290,76 +291,90 @@ def _message_records(msg: Message, require_arrays: bool) -> tuple[ConfigRecord, 
     return config, next(records) if require_arrays else next(records, ArrayRecord())
 
 
-def handle_train(
-    msg: Message,
-    context: Context,
-    load_partition: PartitionLoader,
-    cache: bool = True,
-    overrides: Mapping[str, Any] | None = None,
-) -> Message:
-    """Reply to a FedACnnL training message with the requested layer's packed statistics.
+@dataclass(frozen=True)
+class FedACnnLHandlers:
+    """The ``@app.train()`` and ``@app.evaluate()`` handlers of a FedACnnL client app.
 
-    Resolves the run config once (:func:`resolved_context` with ``overrides``). The reply holds
-    ``ArrayRecord`` ``"statistics"`` (``gram-triu``, ``cross``, ``count``) and ``MetricRecord``
-    ``"metrics"`` (``num-examples``, ``partition-id``, ``layer``, ``compute-time``). Statistics of
-    a personalized layer are also kept in ``context.state`` (run-config ``keep-statistics``). With
-    ``dp-noise-multiplier > 0`` the released statistics are clipped and noised (the kept ones are
-    clean).
+    Each call resolves the run config once (:func:`resolved_context` with :attr:`overrides`).
+
+    Parameters
+    ----------
+    load_partition : PartitionLoader
+        ``load_partition(context) -> (train, test)`` of this node; its context carries the
+        resolved run config.
+    cache : bool (default: True)
+        Keep loaded partitions in memory between rounds (keyed by run and node config).
+    overrides : mapping, optional
+        Run-config entries that override the node's.
+
     """
-    start = time.perf_counter()
-    context = resolved_context(context, overrides)
-    cfg = _run_config(context)
-    _set_threads(cfg)
-    config, arrays = _message_records(msg, require_arrays=False)
-    train, _ = _partition(context, load_partition, cache)
-    net, stats = layer_statistics(config, _numpy(arrays), train)
-    layer = int(config[P.LAYER])
-    which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
-    if cfg["keep-statistics"] and layer in P.personalized_layers(net, which):
-        keep_layer_statistics(context, layer, P.weights_digest(net, layer), stats)
-    dp = dp_config(cfg)
-    stats = release_statistics(net, layer, train, stats, dp, cfg, _partition_id(context), config)
-    metrics = MetricRecord(
-        {
-            P.NUM_EXAMPLES: int(stats.count),
-            P.PARTITION_ID: _partition_id(context),
-            P.LAYER: layer,
-            "compute-time": time.perf_counter() - start,
-            **dp_metrics(dp),
-        }
-    )
-    content = RecordDict({P.STATISTICS_KEY: _array_record(stats.pack()), P.METRICS_KEY: metrics})
-    return Message(content=content, reply_to=msg)
 
+    load_partition: PartitionLoader
+    cache: bool = True
+    overrides: Mapping[str, Any] | None = None
 
-def handle_evaluate(
-    msg: Message,
-    context: Context,
-    load_partition: PartitionLoader,
-    cache: bool = True,
-    overrides: Mapping[str, Any] | None = None,
-) -> Message:
-    """Reply to an evaluation message with global and pFedACnnL metrics on the local test set.
+    def receive(
+        self, msg: Message, context: Context, require_arrays: bool
+    ) -> tuple[Context, RunConfig, ConfigRecord, dict[str, np.ndarray], ArrayDataset, ArrayDataset]:
+        """What a handler needs of ``msg``: ``(context, cfg, config, arrays, train, test)``.
 
-    Resolves the run config once (:func:`resolved_context` with ``overrides``).
-    """
-    start = time.perf_counter()
-    context = resolved_context(context, overrides)
-    cfg = _run_config(context)
-    _set_threads(cfg)
-    config, arrays = _message_records(msg, require_arrays=True)
-    train, test = _partition(context, load_partition, cache)
-    group = msg.content.array_records.get(P.GROUP_ARRAYS_KEY)
-    kept = kept_layer_statistics(context)
-    metrics, used = evaluate_global_and_personal(
-        config, _numpy(arrays), train, test, kept, _numpy(group) if group else None
-    )
-    if cfg["keep-statistics"]:
-        for layer, (digest, stats) in used.items():
-            keep_layer_statistics(context, layer, digest, stats)
-    metrics[P.PARTITION_ID] = _partition_id(context)
-    metrics["compute-time"] = time.perf_counter() - start
-    return Message(content=RecordDict({P.METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+        The context with its run config resolved, that :class:`RunConfig`, the message's config and
+        arrays, and this node's data; torch threads are set (``client-threads``).
+        """
+        context = resolved_context(context, self.overrides)
+        cfg = _run_config(context)
+        _set_threads(cfg)
+        config, arrays = _message_records(msg, require_arrays=require_arrays)
+        train, test = _partition(context, self.load_partition, self.cache)
+        return context, cfg, config, _numpy(arrays), train, test
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """Reply to a FedACnnL training message with the requested layer's packed statistics.
+
+        The reply holds ``ArrayRecord`` ``"statistics"`` (``gram-triu``, ``cross``, ``count``) and
+        ``MetricRecord`` ``"metrics"`` (``num-examples``, ``partition-id``, ``layer``,
+        ``compute-time``). Statistics of a personalized layer are also kept in ``context.state``
+        (run-config ``keep-statistics``). With ``dp-noise-multiplier > 0`` the released statistics
+        are clipped and noised (the kept ones are clean).
+        """
+        start = time.perf_counter()
+        context, cfg, config, arrays, train, _ = self.receive(msg, context, require_arrays=False)
+        net, stats = layer_statistics(config, arrays, train)
+        layer = int(config[P.LAYER])
+        which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
+        if cfg["keep-statistics"] and layer in P.personalized_layers(net, which):
+            keep_layer_statistics(context, layer, P.weights_digest(net, layer), stats)
+        dp = dp_config(cfg)
+        pid = _partition_id(context)
+        stats = release_statistics(net, layer, train, stats, dp, cfg, pid, config)
+        metrics = MetricRecord(
+            {
+                P.NUM_EXAMPLES: int(stats.count),
+                P.PARTITION_ID: pid,
+                P.LAYER: layer,
+                "compute-time": time.perf_counter() - start,
+                **dp_metrics(dp),
+            }
+        )
+        packed = _array_record(stats.pack())
+        content = RecordDict({P.STATISTICS_KEY: packed, P.METRICS_KEY: metrics})
+        return Message(content=content, reply_to=msg)
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        """Reply to an evaluation message with global and pFedACnnL metrics on the local test set."""
+        start = time.perf_counter()
+        context, cfg, config, arrays, train, test = self.receive(msg, context, require_arrays=True)
+        group = msg.content.array_records.get(P.GROUP_ARRAYS_KEY)
+        kept = kept_layer_statistics(context)
+        metrics, used = evaluate_global_and_personal(
+            config, arrays, train, test, kept, _numpy(group) if group else None
+        )
+        if cfg["keep-statistics"]:
+            for layer, (digest, stats) in used.items():
+                keep_layer_statistics(context, layer, digest, stats)
+        metrics[P.PARTITION_ID] = _partition_id(context)
+        metrics["compute-time"] = time.perf_counter() - start
+        return Message(content=RecordDict({P.METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 
 def make_fedacnnl_client_app(
@@ -387,32 +402,23 @@ def make_fedacnnl_client_app(
     Returns
     -------
     ClientApp
-        With ``@app.train()`` (layer statistics) and ``@app.evaluate()`` (global and personalized
-        accuracy/loss) handlers; each resolves the run config once per message.
+        With the ``@app.train()`` (layer statistics) and ``@app.evaluate()`` (global and
+        personalized accuracy/loss) handlers of :class:`FedACnnLHandlers`; each resolves the run
+        config once per message.
 
     """
     loader = load_partition or load_partition_from_config
-    overrides = dict(run_config or {})
-    for key, value in overrides.items():
-        RUN_CONFIG.check(key, value)
+    handlers = FedACnnLHandlers(loader, cache, RUN_CONFIG.check_overrides(run_config))
     app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, loader, cache, overrides)
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, loader, cache, overrides)
-
+    app.train()(handlers.train)
+    app.evaluate()(handlers.evaluate)
     return app
 
 
 __all__ = [
+    "FedACnnLHandlers",
     "PartitionLoader",
     "evaluate_global_and_personal",
-    "handle_evaluate",
-    "handle_train",
     "keep_layer_statistics",
     "kept_layer_statistics",
     "layer_statistics",

@@ -98,15 +98,25 @@ class FedACnnLNumPyClient(NumPyClient):
         """Return nothing: the analytic model has no local parameters before the first round."""
         return []
 
-    def fit(
+    def fit_statistics(
         self, parameters: list[np.ndarray], config: dict[str, Any]
-    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        """Return the packed statistics of ``config["layer"]`` computed with the sent layers."""
+    ) -> tuple[int, LayerStatistics]:
+        """``(layer, statistics)`` of ``config["layer"]`` computed with the sent layers.
+
+        The statistics of a personalized layer are also kept in the node's context.
+        """
         net, stats = layer_statistics(config, arrays_to_state(parameters), self.train)
         layer = int(config[P.LAYER])
         which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
         if self.node_context is not None and layer in P.personalized_layers(net, which):
             keep_layer_statistics(self.node_context, layer, P.weights_digest(net, layer), stats)
+        return layer, stats
+
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Any]
+    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Return the packed statistics of ``config["layer"]`` computed with the sent layers."""
+        layer, stats = self.fit_statistics(parameters, config)
         metrics = {P.PARTITION_ID: self.partition_id, P.LAYER: layer}
         return pack_to_list(stats), int(stats.count), metrics
 

@@ -25,12 +25,8 @@ from flwr_analytic.analytic.privacy import (
     SECAGG_SCALE,
     SecAggEncoding,
 )
-from flwr_analytic.clients.fedacnnl_client import (
-    keep_layer_statistics,
-    layer_statistics,
-    resolved_context,
-)
-from flwr_analytic.clients.fedacnnl_legacy import FedACnnLNumPyClient, arrays_to_state
+from flwr_analytic.clients.fedacnnl_client import resolved_context
+from flwr_analytic.clients.fedacnnl_legacy import FedACnnLNumPyClient
 from flwr_analytic.data import ArrayDataset
 from flwr_analytic.fedacnnl import protocol as P
 
@@ -50,36 +46,18 @@ def encoding_from_config(config: Mapping[str, Any]) -> SecAggEncoding:
 class FedACnnLSecAggClient(FedACnnLNumPyClient):
     """A FedACnnL ``NumPyClient`` whose ``fit`` returns SecAgg+-ready statistics.
 
-    Parameters
-    ----------
-    train, test : ArrayDataset
-        This client's data.
-    partition_id : int (default: -1)
-        Reported with evaluation metrics only (never with statistics).
-    context : Context, optional
-        The node's context: keeps the statistics of personalized layers for evaluation.
-
+    Made as :class:`~flwr_analytic.clients.fedacnnl_legacy.FedACnnLNumPyClient` (``train``,
+    ``test``, ``partition_id``, ``context``), but ``partition_id`` is reported with evaluation
+    metrics only, never with statistics; the context keeps the statistics of personalized layers
+    for evaluation.
     """
-
-    def __init__(
-        self,
-        train: ArrayDataset,
-        test: ArrayDataset,
-        partition_id: int = -1,
-        context: Context | None = None,
-    ) -> None:
-        super().__init__(train, test, partition_id, context)
 
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         """Encoded statistics of ``config["layer"]``, weight 1, metrics ``{"layer": l}``."""
         encoding = encoding_from_config(config)
-        net, stats = layer_statistics(config, arrays_to_state(parameters), self.train)
-        layer = int(config[P.LAYER])
-        which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
-        if self.node_context is not None and layer in P.personalized_layers(net, which):
-            keep_layer_statistics(self.node_context, layer, P.weights_digest(net, layer), stats)
+        layer, stats = self.fit_statistics(parameters, config)
         return encoding.encode(stats), 1, {P.LAYER: layer}
 
 
@@ -108,9 +86,7 @@ def make_secagg_client_app(
     from flwr_analytic.fedacnnl.data import load_partition_from_config
 
     loader = load_partition or load_partition_from_config
-    overrides = dict(run_config or {})
-    for key, value in overrides.items():
-        RUN_CONFIG.check(key, value)
+    overrides = RUN_CONFIG.check_overrides(run_config)
 
     def client_fn(context: Context):  # noqa: ANN202
         context = resolved_context(context, overrides)

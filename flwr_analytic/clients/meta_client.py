@@ -39,6 +39,7 @@ from flwr_analytic.meta import (
     sgd_train,
 )
 from flwr_analytic.meta.config import RUN_CONFIG, resolve_run_config
+from flwr_analytic.meta.protocol import LOCAL_ALGORITHM, decode_settings
 from flwr_analytic.meta.task import build_model, client_tensors, round_rng
 
 
@@ -90,47 +91,15 @@ def local_train(
     model = build_model(cfg)
     model.load_state_dict(arrays.to_torch_state_dict())
     rng = round_rng(int(cfg["seed"]), partition_id, int(config.get("server-round", 0)), 0)
-    algo = str(config.get("local-algorithm", "sgd"))
+    algo = str(config.get(LOCAL_ALGORITHM, "sgd"))
+    settings = decode_settings(algo, config)
     if algo == "meta":
-        meta_cfg = MetaConfig(
-            nu=int(config["meta-nu"]),
-            alpha=float(config["meta-alpha"]),
-            beta=float(config["meta-beta"]),
-            mode=str(config["meta-mode"]),
-            local_steps=int(config["local-steps"]),
-            inner_batch_size=int(config["inner-batch-size"]),
-            outer_batch_size=int(config["outer-batch-size"]),
-            hessian_batch_size=int(config["hessian-batch-size"]),
-            hessian_batches=str(config["hessian-batches"]),
-            delta=float(config["hf-delta"]),
-        )
-        result = meta_train(model, x, y, meta_cfg, rng)
-    elif algo == "sgd":
-        result = sgd_train(
-            model,
-            x,
-            y,
-            lr=float(config["lr"]),
-            local_steps=int(config["local-steps"]),
-            batch_size=int(config["batch-size"]),
-            rng=rng,
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-        )
-    elif algo == "pfedme":
-        result = pfedme_train(
-            model,
-            x,
-            y,
-            lr=float(config["pfedme-lr"]),
-            personal_lr=float(config["pfedme-personal-lr"]),
-            lam=float(config["pfedme-lambda"]),
-            inner_steps=int(config["pfedme-k"]),
-            local_steps=int(config["local-steps"]),
-            batch_size=int(config["batch-size"]),
-            rng=rng,
-        )
+        result = meta_train(model, x, y, MetaConfig(**settings), rng)
+    elif algo == "sgd":  # Flower's FedProx adds its proximal-mu
+        mu = float(config.get("proximal-mu", 0.0))
+        result = sgd_train(model, x, y, **settings, rng=rng, proximal_mu=mu)
     else:
-        raise ValueError(f"unknown local-algorithm {algo!r}; allowed: meta, sgd, pfedme")
+        result = pfedme_train(model, x, y, **settings, rng=rng)
     metrics = MetricRecord({"num-examples": len(y), **result.metrics})
     return ArrayRecord(model.state_dict()), metrics
 
@@ -222,9 +191,7 @@ def make_meta_client_app(overrides: Mapping[str, Any] | None = None) -> ClientAp
     ``flwr.simulation.run_simulation``); each is checked here against
     :data:`~flwr_analytic.meta.config.RUN_CONFIG`.
     """
-    overrides = dict(overrides or {})
-    for key, value in overrides.items():
-        RUN_CONFIG.check(key, value)
+    overrides = RUN_CONFIG.check_overrides(overrides)
     app = ClientApp()
 
     @app.train()

@@ -183,6 +183,7 @@ def federated_split(
     *,
     test_fraction: float = 0.25,
     seed: int = 0,
+    strict: bool = False,
     **options: Unpack[PartitionOptions],
 ) -> FederatedSplit:
     """Partition ``dataset`` among clients and split each client 75/25 (by default) into train/test.
@@ -203,6 +204,9 @@ def federated_split(
         Share of every client's rows held out for testing.
     seed : int
         Seed of the partition; client ``k``'s train/test split uses ``seed + k``.
+    strict : bool (default: False)
+        Raise ``ValueError`` unless there are exactly ``num_clients`` clients, as a federation of
+        ``num_clients`` nodes needs (a ``precomputed`` split has its own number).
     **options : PartitionOptions
         ``alpha``, ``classes_per_partition``, ``min_partition_size``: as in
         :func:`partition_indices`.
@@ -214,10 +218,17 @@ def federated_split(
 
     """
     if method == "precomputed":
-        return precomputed_split(dataset)
-    parts = partition_indices(dataset.y, num_clients, method, seed=seed, **options)
-    pairs = [train_test_indices(p, test_fraction, seed + k) for k, p in enumerate(parts)]
-    return FederatedSplit(train=[a for a, _ in pairs], test=[b for _, b in pairs])
+        split = precomputed_split(dataset)
+    else:
+        parts = partition_indices(dataset.y, num_clients, method, seed=seed, **options)
+        pairs = [train_test_indices(p, test_fraction, seed + k) for k, p in enumerate(parts)]
+        split = FederatedSplit(train=[a for a, _ in pairs], test=[b for _, b in pairs])
+    if strict and split.num_clients != num_clients:
+        raise ValueError(
+            f"the {method!r} split of {dataset.name} has {split.num_clients} clients but the "
+            f"federation has num-partitions={num_clients}"
+        )
+    return split
 
 
 def precomputed_split(dataset: ArrayDataset) -> FederatedSplit:

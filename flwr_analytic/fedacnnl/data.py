@@ -51,34 +51,11 @@ def _data_split(cfg: RunConfig) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _split(
-    name: str,
-    path: str,
-    split: str,
-    num_partitions: int,
-    method: str,
-    alpha: float,
-    classes_per_partition: int,
-    min_partition_size: int,
-    test_fraction: float,
-    seed: int,
+    name: str, path: str, split: str, num_partitions: int, method: str, **options: Any
 ) -> FederatedSplit:
+    """The strict :func:`federated_split` of data set ``name`` (cached on these primitives)."""
     data = load_cached_dataset(name, path, split)
-    result = federated_split(
-        data,
-        num_partitions,
-        method,
-        alpha=alpha,
-        classes_per_partition=classes_per_partition,
-        min_partition_size=min_partition_size,
-        test_fraction=test_fraction,
-        seed=seed,
-    )
-    if result.num_clients != num_partitions:
-        raise ValueError(
-            f"the {method!r} split of {name} has {result.num_clients} clients but the federation "
-            f"has num-partitions={num_partitions}"
-        )
-    return result
+    return federated_split(data, num_partitions, method, strict=True, **options)
 
 
 def _federation(cfg: RunConfig, num_partitions: int) -> FederatedSplit:
@@ -99,11 +76,8 @@ def _federation(cfg: RunConfig, num_partitions: int) -> FederatedSplit:
         _data_split(cfg),
         int(num_partitions),
         str(cfg["partitioner"]),
-        float(cfg["dirichlet-alpha"]),
-        int(cfg["classes-per-partition"]),
-        int(cfg["min-partition-size"]),
-        float(cfg["test-fraction"]),
-        int(cfg["seed"]),
+        **cfg.kwargs("classes-per-partition", "min-partition-size", "test-fraction", "seed"),
+        alpha=float(cfg["dirichlet-alpha"]),
     )
 
 

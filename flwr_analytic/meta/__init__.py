@@ -5,6 +5,7 @@
 - :mod:`~flwr_analytic.meta.local_training`: the local loop of τ meta-steps with outer rate β.
 - :mod:`~flwr_analytic.meta.baselines`: FedAvg/FedProx SGD and pFedMe local updates.
 - :mod:`~flwr_analytic.meta.personalization`: the test-time fine-tuning curve ``s = 0..S``.
+- :mod:`~flwr_analytic.meta.protocol`: the local-update settings in the training messages.
 """
 
 from flwr_analytic.meta.baselines import pfedme_train, sgd_train

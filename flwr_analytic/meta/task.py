@@ -50,11 +50,8 @@ def load_federation(
         min_partition_size=min_partition_size,
         test_fraction=test_fraction,
         seed=seed,
+        strict=True,
     )
-    if fed.num_clients != num_partitions:
-        raise ValueError(
-            f"{dataset}/{partitioner} has {fed.num_clients} clients, not {num_partitions}"
-        )
     return ds, fed
 
 

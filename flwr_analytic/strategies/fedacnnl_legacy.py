@@ -140,9 +140,18 @@ class FedACnnLLegacy(LegacyStrategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Any]]:
-        """Check every result, sum in ``partition-id`` order and solve the layer."""
-        server = self.core.server
+        """Record the round, solve the layer from the results (:meth:`solve_results`), close it."""
         record, layer = self.open_round(server_round, failures)
+        record.num_replies = len(results)
+        outcome = self.solve_results(record, layer, results)
+        metrics = self.close_round(record, outcome)
+        return (self._arrays() if outcome.solved else None), metrics
+
+    def solve_results(
+        self, record: RoundRecord, layer: int, results: list[tuple[ClientProxy, FitRes]]
+    ) -> LayerOutcome:
+        """Check every result, sum in ``partition-id`` order and solve the layer (with enough)."""
+        server = self.core.server
         for proxy, res in results:
             record.bytes_received += sum(len(t) for t in res.parameters.tensors)
             node = int(proxy.node_id) if hasattr(proxy, "node_id") else 0
@@ -156,12 +165,10 @@ class FedACnnLLegacy(LegacyStrategy):
                 server.contribute(ClientKey.of(res.metrics.get(P.PARTITION_ID), node), stats)
             except (StatisticsError, KeyError, ValueError, TypeError) as exc:
                 record.reject(-1, f"client {proxy.cid}: {exc}")
-        record.num_replies = len(results)
         outcome = server.close_layer()
         for key, reason in outcome.duplicates:
             record.reject(key.node, reason)
-        metrics = self.close_round(record, outcome)
-        return (self._arrays() if outcome.solved else None), metrics
+        return outcome
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -41,6 +41,7 @@ from flwr_analytic.analytic.privacy import (
 from flwr_analytic.analytic.server import LayerOutcome
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.strategies.fedacnnl_legacy import FedACnnLLegacy
+from flwr_analytic.strategies.records import RoundRecord
 
 
 class FedACnnLSecAgg(FedACnnLLegacy):
@@ -106,19 +107,20 @@ class FedACnnLSecAgg(FedACnnLLegacy):
         stats.cross = stats.cross.reshape(net.design_dim(layer), net.num_targets(layer))
         return stats.validate(net.design_dim(layer), net.num_targets(layer))
 
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Any]]:
-        """Decode the SecAgg+ sum of the ``K`` clients, check it and solve the layer from it."""
-        # Flower 1.41's SecAggPlusWorkflow lists a client failing in the masked-vector stage twice
-        # (two Exception objects wrapping the same reply error): count each error once
+    def open_round(self, server_round: int, failures: list[Any]) -> tuple[RoundRecord, int]:
+        """As :class:`FedACnnLLegacy`, each failure counted once.
+
+        Flower 1.41's SecAggPlusWorkflow lists a client failing in the masked-vector stage twice
+        (two Exception objects wrapping the same reply error).
+        """
         unique = {id(f.args[0] if getattr(f, "args", None) else f): f for f in failures}
-        record, layer = self.open_round(server_round, list(unique.values()))
+        return super().open_round(server_round, list(unique.values()))
+
+    def solve_results(
+        self, record: RoundRecord, layer: int, results: list[tuple[ClientProxy, FitRes]]
+    ) -> LayerOutcome:
+        """Decode the SecAgg+ sum of the ``K`` clients, check it and solve the layer from it."""
         server = self.core.server
-        record.num_replies = len(results)
         record.details["secure-aggregation"] = "secagg+"
         record.bytes_received = sum(
             len(t) for _, res in results[:1] for t in res.parameters.tensors
@@ -142,8 +144,7 @@ class FedACnnLSecAgg(FedACnnLLegacy):
                 if len(results) >= server.min_valid_replies:
                     server.solve(stats, len(results))
                     outcome.solved, outcome.num_examples = True, int(stats.count)
-        metrics = self.close_round(record, outcome)
-        return (self._arrays() if outcome.solved else None), metrics
+        return outcome
 
 
 def secaggplus_workflow(encoding: SecAggEncoding, num_shares: int | float = 1.0, **kwargs: Any):  # noqa: ANN201

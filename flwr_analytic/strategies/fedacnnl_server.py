@@ -26,7 +26,7 @@ from flwr_analytic.models import build_module
 from flwr_analytic.strategies.checkpointing import Checkpointed
 from flwr_analytic.strategies.fedacnnl import FedACnnL
 from flwr_analytic.strategies.metering import Metered
-from flwr_analytic.strategies.utils import arrays_digest, jsonable
+from flwr_analytic.strategies.utils import arrays_digest, jsonable, sampling_options
 
 
 def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
@@ -37,28 +37,14 @@ def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
     clients that release Gaussian-noised statistics with the same ``dp-*`` parameters) combine.
     """
     cfg = resolve_run_config(cfg)
-    min_nodes = int(cfg["min-nodes"])
     dp = dp_config(cfg)
     return FedACnnL(
         architecture_for(cfg),
         str(cfg["scheme"]),
-        gamma=float(cfg["gamma"]),
-        hidden_gamma=float(cfg["hidden-gamma"]),
-        gamma_rule=str(cfg["gamma-rule"]),
-        lam=float(cfg["lam"]),
-        lam_rule=str(cfg["lam-rule"]),
-        personalize_layers=str(cfg["personalize-layers"]),
-        seed=int(cfg["seed"]),
-        dtype=str(cfg["dtype"]),
-        batch_size=int(cfg["batch-size"]),
-        fraction_train=float(cfg["fraction-train"]),
-        fraction_evaluate=float(cfg["fraction-evaluate"]),
-        min_train_nodes=min_nodes,
-        min_evaluate_nodes=min_nodes,
-        min_available_nodes=min_nodes,
-        num_groups=int(cfg["num-groups"]),
-        aggregation=str(cfg["aggregation"]),
-        max_in_flight=int(cfg["max-in-flight"]),
+        **cfg.kwargs("gamma", "hidden-gamma", "gamma-rule", "lam", "lam-rule"),
+        **cfg.kwargs("personalize-layers", "seed", "dtype", "batch-size", "num-groups"),
+        **cfg.kwargs("aggregation", "max-in-flight"),
+        **sampling_options(cfg),
         release=DPRelease(dp) if dp.enabled else None,
     )
 

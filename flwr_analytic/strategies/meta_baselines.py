@@ -26,10 +26,12 @@ from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from flwr_analytic.meta.config import local_steps_for, resolve_run_config
+from flwr_analytic.meta.protocol import encode_settings
 from flwr_analytic.strategies.evaluation import personalized_metrics_aggregation
 from flwr_analytic.strategies.metering import Metered
 from flwr_analytic.strategies.nu_step_meta import NuStepMetaFedAvg
 from flwr_analytic.strategies.pfedme import PFedMe
+from flwr_analytic.strategies.utils import sampling_options
 from flwr_analytic.strategies.wrapper import SortedReplies
 
 
@@ -72,13 +74,10 @@ def build_meta_strategy(
     bsz = int(cfg["batch-size"])
     ft_steps = 0 if algo == "fedavg" else int(cfg["finetune-steps"])
     common: dict[str, Any] = {
-        "fraction_train": float(cfg["fraction-train"]),
-        "fraction_evaluate": float(cfg["fraction-evaluate"]),
-        "min_train_nodes": int(cfg["min-nodes"]),
-        "min_evaluate_nodes": int(cfg["min-nodes"]),
-        "min_available_nodes": int(cfg["min-nodes"]),
+        **sampling_options(cfg),
         "evaluate_metrics_aggr_fn": personalized_metrics_aggregation,
     }
+    finetune = {"finetune_steps": ft_steps, **cfg.kwargs("finetune-batch-size")}
     evaluate_config = ConfigRecord(
         {
             "finetune-steps": ft_steps,
@@ -94,44 +93,35 @@ def build_meta_strategy(
             nu, mode = 1, ("first-order" if algo == "per-fedavg-fo" else "hessian-free")
         strategy = NuStepMetaFedAvg(
             **common,
+            **finetune,
+            **cfg.kwargs("alpha", "beta", "hessian-batches", delta="hf-delta"),
             nu=nu,
-            alpha=float(cfg["alpha"]),
-            beta=float(cfg["beta"]),
             mode=mode,
             local_steps=steps,
             inner_batch_size=bsz,
             outer_batch_size=bsz,
             hessian_batch_size=bsz,
-            hessian_batches=str(cfg["hessian-batches"]),
-            delta=float(cfg["hf-delta"]),
-            finetune_steps=ft_steps,
-            finetune_batch_size=int(cfg["finetune-batch-size"]),
         )
     elif algo == "pfedme":
         strategy = PFedMe(
             **common,
-            beta=float(cfg["pfedme-beta"]),
-            lr=float(cfg["pfedme-lr"]),
-            personal_lr=float(cfg["pfedme-personal-lr"]),
-            lam=float(cfg["pfedme-lambda"]),
-            inner_steps=int(cfg["pfedme-k"]),
+            **finetune,
+            **cfg.kwargs(
+                beta="pfedme-beta",
+                lr="pfedme-lr",
+                personal_lr="pfedme-personal-lr",
+                lam="pfedme-lambda",
+                inner_steps="pfedme-k",
+                finetune_lr="alpha",
+            ),
             local_steps=steps,
             batch_size=bsz,
-            finetune_steps=ft_steps,
-            finetune_lr=float(cfg["alpha"]),
-            finetune_batch_size=int(cfg["finetune-batch-size"]),
         )
     else:
-        train_config = ConfigRecord(
-            {
-                "local-algorithm": "sgd",
-                "lr": float(cfg["beta"]),
-                "local-steps": steps,
-                "batch-size": bsz,
-            }
-        )
+        sgd = {"lr": cfg["beta"], "local_steps": steps, "batch_size": bsz}
+        train_config = ConfigRecord(encode_settings("sgd", sgd))
         if algo == "fedprox":
-            strategy = FedProx(**common, proximal_mu=float(cfg["proximal-mu"]))
+            strategy = FedProx(**common, **cfg.kwargs(proximal_mu="proximal-mu"))
         else:
             strategy = FedAvg(**common)
     return metered(strategy), train_config, evaluate_config

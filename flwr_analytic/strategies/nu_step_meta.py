@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from flwr_analytic.config_checks import check_choice, check_number
 from flwr_analytic.meta import HESSIAN_BATCH_POLICIES, MODES
+from flwr_analytic.meta.protocol import encode_settings
 from flwr_analytic.strategies.evaluation import personalized_metrics_aggregation
 
 
@@ -69,6 +70,9 @@ class PersonalizedFedAvg(FedAvg):
 
     #: Name of the strategy in :meth:`summary`.
     settings_title = "PersonalizedFedAvg"
+    #: The clients' local update (a key of :data:`~flwr_analytic.meta.protocol.TRAIN_KEYS`) whose
+    #: settings, read from attributes of the same names, :meth:`train_config` sends (None: none).
+    local_algorithm: str | None = None
 
     def __init__(
         self,
@@ -106,8 +110,14 @@ class PersonalizedFedAvg(FedAvg):
         super().summary()
 
     def train_config(self) -> dict[str, int | float | str]:
-        """Return the kebab-case keys injected into every training ``ConfigRecord``."""
-        return {}
+        """Return the kebab-case keys injected into every training ``ConfigRecord``.
+
+        ``local-algorithm`` and the settings of :attr:`local_algorithm`
+        (:func:`~flwr_analytic.meta.protocol.encode_settings`); nothing without one.
+        """
+        if self.local_algorithm is None:
+            return {}
+        return encode_settings(self.local_algorithm, vars(self))
 
     def evaluate_config(self) -> dict[str, int | float]:
         """Return the kebab-case keys injected into every evaluation ``ConfigRecord``."""
@@ -194,6 +204,7 @@ class NuStepMetaFedAvg(PersonalizedFedAvg):
     """
 
     settings_title = "NuStepMetaFedAvg"
+    local_algorithm = "meta"
 
     # pylint: disable=too-many-arguments,too-many-locals
     def __init__(
@@ -253,19 +264,3 @@ class NuStepMetaFedAvg(PersonalizedFedAvg):
             f"hessian {self.hessian_batch_size} ({self.hessian_batches})",
             *super().settings(),
         ]
-
-    def train_config(self) -> dict[str, int | float | str]:
-        """Return the kebab-case keys injected into every training ``ConfigRecord``."""
-        return {
-            "local-algorithm": "meta",
-            "meta-nu": int(self.nu),
-            "meta-alpha": float(self.alpha),
-            "meta-beta": float(self.beta),
-            "meta-mode": self.mode,
-            "local-steps": int(self.local_steps),
-            "inner-batch-size": int(self.inner_batch_size),
-            "outer-batch-size": int(self.outer_batch_size),
-            "hessian-batch-size": int(self.hessian_batch_size),
-            "hessian-batches": self.hessian_batches,
-            "hf-delta": float(self.delta),
-        }

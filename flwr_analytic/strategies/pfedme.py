@@ -62,6 +62,7 @@ class PFedMe(PersonalizedFedAvg):
     """
 
     settings_title = "pFedMe"
+    local_algorithm = "pfedme"
 
     # pylint: disable=too-many-arguments,too-many-locals
     def __init__(
@@ -107,18 +108,6 @@ class PFedMe(PersonalizedFedAvg):
             f"beta: {self.beta} | lr: {self.lr} | personal lr: {self.personal_lr}",
             f"lambda: {self.lam} | K: {self.inner_steps} | local steps: {self.local_steps}",
         ]
-
-    def train_config(self) -> dict[str, int | float | str]:
-        """Return the kebab-case keys injected into every training ``ConfigRecord``."""
-        return {
-            "local-algorithm": "pfedme",
-            "pfedme-lr": float(self.lr),
-            "pfedme-personal-lr": float(self.personal_lr),
-            "pfedme-lambda": float(self.lam),
-            "pfedme-k": int(self.inner_steps),
-            "local-steps": int(self.local_steps),
-            "batch-size": int(self.batch_size),
-        }
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -18,6 +18,8 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from flwr_analytic.config_checks import RunConfig
+
 
 def arrays_nbytes(record: ArrayRecord | None) -> int:
     """Bytes of the tensors in ``record`` (serialized ``Array.data``; framing not counted)."""
@@ -64,6 +66,15 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def sampling_options(cfg: RunConfig) -> dict[str, Any]:
+    """Flower's sampling keywords (``fraction_*``, ``min_*_nodes``) of an app's run config.
+
+    ``fraction-train`` and ``fraction-evaluate`` as they are; ``min-nodes`` for every minimum.
+    """
+    minimums = ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
+    return cfg.kwargs("fraction-train", "fraction-evaluate", **dict.fromkeys(minimums, "min-nodes"))
+
+
 def sample_sorted(grid: Grid, fraction: float, minimum: int, min_available: int) -> list[int]:
     """Flower's ``sample_nodes`` of ``max(fraction · connected, minimum)`` nodes, sorted by id."""
     num_nodes = int(len(list(grid.get_node_ids())) * fraction)
@@ -90,4 +101,5 @@ __all__ = [
     "message_nbytes",
     "retry_sample",
     "sample_sorted",
+    "sampling_options",
 ]
