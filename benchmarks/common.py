@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: environment record, peak memory, JSON output, timing."""
+"""Helpers shared by the benchmarks: environment record, peak memory, JSON output, round histories."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,3 +55,58 @@ def write_json(path: Path, payload: dict) -> None:
         return str(o)
 
     path.write_text(json.dumps(payload, indent=2, default=default) + "\n")
+
+
+def round_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per server round of a run's history, in round order, from either schema.
+
+    ``history`` is a ``Metered`` strategy's ``history_records()`` (the meta app's ``history-path``
+    JSON): one record per round and kind (``train`` / ``evaluate``) with ``round-time``,
+    ``bytes-sent``, ``bytes-received`` and the aggregated ``metrics``. Result files written before
+    the records had one dict per round (``train`` / ``evaluate`` metrics, ``train-time``,
+    ``round-time``, ``bytes-down``, ``bytes-up``); they are read too.
+
+    Each row: ``round``; ``train-time`` (s, ``configure_train`` to the end of ``aggregate_train``);
+    ``evaluate-time`` (s, 0 without evaluation); ``bytes-sent`` / ``bytes-received`` (the training
+    half; old files: the whole round's ``bytes-down`` / ``bytes-up``); ``train`` (metrics) and
+    ``evaluate`` (metrics, ``None`` in rounds without evaluation).
+    """
+    if not all("kind" in h for h in history):  # the old one-dict-per-round schema
+        rows = []
+        for h in sorted(history, key=lambda h: int(h["round"])):
+            train_time = float(h["train-time"])
+            evaluation = h.get("evaluate") or None
+            rows.append(
+                {
+                    "round": int(h["round"]),
+                    "train-time": train_time,
+                    "evaluate-time": (
+                        float(h.get("round-time", train_time)) - train_time if evaluation else 0.0
+                    ),
+                    "bytes-sent": int(h.get("bytes-down", 0)),
+                    "bytes-received": int(h.get("bytes-up", 0)),
+                    "train": dict(h.get("train") or {}),
+                    "evaluate": evaluation,
+                }
+            )
+        return rows
+    by_round: dict[int, dict[str, Any]] = {}
+    for record in history:
+        if record["kind"] not in ("train", "evaluate"):
+            continue
+        rnd = int(record["round"])
+        row = by_round.setdefault(
+            rnd,
+            {"round": rnd, "train-time": 0.0, "evaluate-time": 0.0, "bytes-sent": 0,
+             "bytes-received": 0, "train": {}, "evaluate": None},
+        )  # fmt: skip
+        metrics = dict(record.get("metrics") or {})
+        if record["kind"] == "train":
+            row["train-time"] = float(record["round-time"])
+            row["bytes-sent"] = int(record["bytes-sent"])
+            row["bytes-received"] = int(record["bytes-received"])
+            row["train"] = metrics
+        else:
+            row["evaluate-time"] = float(record["round-time"])
+            row["evaluate"] = metrics or None
+    return [by_round[r] for r in sorted(by_round)]

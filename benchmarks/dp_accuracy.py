@@ -6,7 +6,8 @@ so each client releases one layer: the output layer's ``(G_k, B_k)``, clipped (r
 norm ``C``, one-hot targets have norm 1) and noised with ``σ = zΔ``, ``Δ = 2C√(C² + 1)``; ``z`` is
 set so the release is exactly ``(ε, δ)``-DP (analytic Gaussian mechanism, Balle & Wang 2018; see
 :mod:`flwr_analytic.analytic.privacy`). The server solves with the public ridge ``γ_DP = 2σ√(KD)``
-(:func:`~flwr_analytic.analytic.privacy.solve_noisy_layer`, the same code path as ``DPFedACnnL``).
+(:func:`~flwr_analytic.analytic.privacy.solve_noisy_layer`: the solve of ``DPRelease``, the release
+policy of ``FedACnnL(..., release=DPRelease(dp))``).
 Each client's clean and clipped statistics are computed once per seed; only the noise changes with ε.
 
 Reported per (width, ε): global accuracy (pooled client test sets) and pFedACnnL personalized

@@ -26,7 +26,8 @@ import torch
 from common import RESULTS, SHARED_DATA, environment, peak_rss_gib, write_json
 
 from flwr_analytic.clients.fedacnnl_client import make_fedacnnl_client_app
-from flwr_analytic.fedacnnl import LocalGrid, resolve_run_config
+from flwr_analytic.fedacnnl import resolve_run_config
+from flwr_analytic.grid import LocalGrid
 from flwr_analytic.strategies.fedacnnl_server import make_fedacnnl_server_app, run_fedacnnl
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(RESULTS / "fedacnnl_mnist.json"))
     args = parser.parse_args(argv)
 
-    cfg = resolve_run_config(
+    cfg = resolve_run_config(  # checked and read-only
         {
             "dataset": "mnist",
             "data-path": args.data,
@@ -71,15 +72,14 @@ def main(argv: list[str] | None = None) -> dict:
         from flwr.simulation import run_simulation
 
         with tempfile.TemporaryDirectory() as tmp:
-            cfg["results-path"] = str(Path(tmp) / "r.json")
+            run_cfg = {**cfg, "results-path": str(Path(tmp) / "r.json")}
             run_simulation(
-                server_app=make_fedacnnl_server_app(cfg),
-                client_app=make_fedacnnl_client_app(run_config=cfg),
+                server_app=make_fedacnnl_server_app(run_cfg),
+                client_app=make_fedacnnl_client_app(run_config=run_cfg),
                 num_supernodes=20,
                 backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0}},
             )
-            summary = json.loads(Path(cfg["results-path"]).read_text())
-            cfg["results-path"] = ""
+            summary = json.loads(Path(run_cfg["results-path"]).read_text())
     total = time.perf_counter() - start
 
     ev = summary["evaluate"]

@@ -17,8 +17,8 @@ it is the same code as ``apps/meta``.
 
     python benchmarks/meta_accuracy.py --rounds 30 --clients-per-round 5 --budget 30 --workers 2
 
-Writes ``benchmarks/results/meta_accuracy.json`` (config, per-method per-round history and a
-summary) and prints a table with the final and best personalized accuracy.
+Writes ``benchmarks/results/meta_accuracy.json`` (config, per-method round records of ``Metered``
+and a summary) and prints a table with the final and best personalized accuracy.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import time
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+
+from common import round_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,10 +68,11 @@ def run_method(label: str, cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     _, history = run_meta_in_process(full, num_nodes=20)
     wall = time.perf_counter() - t0
-    evals = [(h["round"], h["evaluate"]) for h in history if h.get("evaluate")]
+    rows = round_rows(history)  # one row per round from the Metered records
+    evals = [(row["round"], row["evaluate"]) for row in rows if row["evaluate"]]
     best_round, best = max(evals, key=lambda e: e[1]["acc"])
     final_round, final = evals[-1]
-    ge = [h["train"]["grad-equivalents"] for h in history]
+    ge = [row["train"]["grad-equivalents"] for row in rows]
     return {
         "label": label,
         "overrides": METHODS[label],

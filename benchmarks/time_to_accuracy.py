@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, SHARED_DATA, environment, write_json
+from common import RESULTS, SHARED_DATA, environment, round_rows, write_json
 
 #: gradient methods: label -> meta-app run-config overrides
 GRADIENT_METHODS: dict[str, dict[str, Any]] = {
@@ -137,8 +137,8 @@ def run_fedacnnl(spec: dict[str, Any], tmp: str) -> dict[str, Any]:
         "wall-time": wall,
         "train-time": float(sum(r["round-time"] for r in train)),
         "eval-time": float(sum(r["round-time"] for r in evals)),
-        "bytes-down": int(sum(r["bytes-sent"] for r in train)),
-        "bytes-up": int(sum(r["bytes-received"] for r in train)),
+        "bytes-sent": int(sum(r["bytes-sent"] for r in train)),
+        "bytes-received": int(sum(r["bytes-received"] for r in train)),
         "rounds": len(train),
         "global-accuracy": ev["global-accuracy"],
         "personal-accuracy": ev["personal-accuracy"],
@@ -183,34 +183,48 @@ def run_gradient(spec: dict[str, Any], tmp: str) -> dict[str, Any]:
     )
     wall = time.perf_counter() - t0
     history = json.loads(path.read_text())["history"]
-    t_train, b_down, b_up, curve = 0.0, 0, 0, []
-    eval_time = 0.0
-    for h in history:
-        t_train += float(h["train-time"])
-        b_down += int(h["bytes-down"])
-        b_up += int(h["bytes-up"])
-        if h.get("evaluate"):
-            eval_time += float(h["round-time"]) - float(h["train-time"])
-            curve.append(
-                {
-                    "round": h["round"],
-                    "train-time": t_train,
-                    "bytes": b_down + b_up,
-                    "global-accuracy": h["evaluate"]["acc-s0"],
-                    "personal-accuracy": h["evaluate"]["acc"],
-                }
-            )
     return {
         "method": spec["method"],
         "run-config": cfg,
         "wall-time": wall,
+        **gradient_curve(history),
+        "history": history,
+    }
+
+
+def gradient_curve(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Training time, bytes and accuracy after every evaluated round of a gradient method's run.
+
+    ``history`` is the meta app's (``history-path``): ``Metered`` round records, or the
+    one-dict-per-round history of older result files (:func:`common.round_rows` reads both).
+    ``train-time`` sums the training halves of the rounds; ``bytes-sent`` / ``bytes-received``
+    are the training rounds' (as for FedACnnL); each curve point holds the training time and bytes
+    so far and the evaluated global (``acc-s0``) and personalized (``acc``) accuracy.
+    """
+    t_train, sent, received, eval_time, curve = 0.0, 0, 0, 0.0, []
+    rows = round_rows(history)
+    for row in rows:
+        t_train += row["train-time"]
+        sent += row["bytes-sent"]
+        received += row["bytes-received"]
+        if row["evaluate"]:
+            eval_time += row["evaluate-time"]
+            curve.append(
+                {
+                    "round": row["round"],
+                    "train-time": t_train,
+                    "bytes": sent + received,
+                    "global-accuracy": row["evaluate"]["acc-s0"],
+                    "personal-accuracy": row["evaluate"]["acc"],
+                }
+            )
+    return {
         "train-time": t_train,
         "eval-time": eval_time,
-        "bytes-down": b_down,
-        "bytes-up": b_up,
-        "rounds": len(history),
+        "bytes-sent": sent,
+        "bytes-received": received,
+        "rounds": len(rows),
         "curve": curve,
-        "history": history,
     }
 
 
@@ -245,6 +259,12 @@ def launch(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ analysis
+def run_bytes(run: dict[str, Any]) -> int:
+    """Training bytes sent + received of a run (``bytes-down`` / ``bytes-up`` in older files)."""
+    sent = run.get("bytes-sent", run.get("bytes-down", 0))
+    return int(sent) + int(run.get("bytes-received", run.get("bytes-up", 0)))
+
+
 def time_to(curve: list[dict[str, Any]], key: str, level: float) -> float | None:
     """Training time of the first evaluated round whose ``key`` accuracy is >= ``level``."""
     for point in curve:
@@ -285,7 +305,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "train-time": r["train-time"],
                 "wall-time": r["wall-time"],
                 "rounds": r["rounds"],
-                "bytes": r["bytes-down"] + r["bytes-up"],
+                "bytes": run_bytes(r),
                 "best-personal": max(p["personal-accuracy"] for p in curve),
                 "best-global": max(p["global-accuracy"] for p in curve),
                 "final-personal": curve[-1]["personal-accuracy"],
@@ -312,14 +332,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "analytic": headline,
             "analytic-reference-seed": ref["seed"],
             "analytic-reference": {
-                k: ref[k]
-                for k in (
-                    "global-accuracy",
-                    "personal-accuracy",
-                    "train-time",
-                    "bytes-down",
-                    "bytes-up",
-                )
+                **{k: ref[k] for k in ("global-accuracy", "personal-accuracy", "train-time")},
+                "bytes-sent": int(ref.get("bytes-sent", ref.get("bytes-down", 0))),
+                "bytes-received": int(ref.get("bytes-received", ref.get("bytes-up", 0))),
             },
             "gradient": methods,
             "fastest-gradient-to-analytic-personal": best,
@@ -343,7 +358,7 @@ def plot(payload: dict[str, Any], out: Path) -> list[str]:
             if r["dataset"] != dataset:
                 continue
             if r["method"] == "fedacnnl":
-                mb = (r["bytes-down"] + r["bytes-up"]) / 1e6
+                mb = run_bytes(r) / 1e6
                 for ax, x in zip(axes, (r["train-time"], mb)):
                     ax.scatter(
                         [x],
@@ -414,7 +429,7 @@ def render(payload: dict[str, Any]) -> str:
             f"pFedACnnL {_pct(a['personal-accuracy']['mean'])} ± "
             f"{_pct(a['personal-accuracy']['std'])}%, training "
             f"{a['train-time']['mean']:.1f} ± {a['train-time']['std']:.1f} s "
-            f"({(ref['bytes-down'] + ref['bytes-up']) / 1e6:.1f} MB)."
+            f"({run_bytes(ref) / 1e6:.1f} MB)."
         )
         lines.append("")
         lines.append(
@@ -427,7 +442,7 @@ def render(payload: dict[str, Any]) -> str:
             f"| FedACnnL / pFedACnnL (seed {s['analytic-reference-seed']}) | "
             f"{_pct(ref['global-accuracy'])} | {_pct(ref['personal-accuracy'])} | "
             f"{_pct(ref['personal-accuracy'])} | {ref['train-time']:.1f} | "
-            f"{(ref['bytes-down'] + ref['bytes-up']) / 1e6:.1f} | — | — |"
+            f"{run_bytes(ref) / 1e6:.1f} | — | — |"
         )
         for m, row in s["gradient"].items():
             cells = [

@@ -183,7 +183,7 @@ server and client apps run on Flower's simulation engine with
 """),
     _code(r"""
 from flwr_analytic.clients.fedacnnl_client import make_fedacnnl_client_app
-from flwr_analytic.fedacnnl import LocalGrid
+from flwr_analytic.grid import LocalGrid
 from flwr_analytic.strategies.fedacnnl_server import run_fedacnnl
 
 
@@ -230,7 +230,6 @@ The same comparison as a Flower app: `flwr run apps/meta --run-config "algorithm
 from flwr_analytic.meta.config import resolve_run_config
 from flwr_analytic.meta.task import load_federation
 from flwr_analytic.strategies import run_meta_in_process
-from flwr_analytic.strategies.history import arrayrecord_nbytes
 
 FEDAVG_ROUNDS = 40
 avg_config = resolve_run_config({
@@ -250,13 +249,14 @@ assert all(np.array_equal(a, b) for a, b in zip(meta_split.train + meta_split.te
 start = time.perf_counter()
 avg_result, avg_history = run_meta_in_process(avg_config, NUM_CLIENTS)
 print(f"FedAvg: {FEDAVG_ROUNDS} rounds in {time.perf_counter() - start:.1f} s (with evaluation)")
-rounds = np.array([h["round"] for h in avg_history])
-avg_global = np.array([h["evaluate"]["acc-s0"] for h in avg_history])
-avg_ft = np.array([h["evaluate"]["acc"] for h in avg_history])
-avg_seconds = np.cumsum([h["train-time"] for h in avg_history])
-model_bytes = arrayrecord_nbytes(avg_result.arrays)  # the model tensors, as Flower sends them
-avg_bytes = np.cumsum([h["train-clients"] * model_bytes + h["bytes-up"]  # training: down + up
-                       for h in avg_history])
+# one record per round and kind: "train" (time, model tensors down and up) and "evaluate" (metrics)
+avg_train = [h for h in avg_history if h["kind"] == "train"]
+avg_eval = {h["round"]: h["metrics"] for h in avg_history if h["kind"] == "evaluate"}
+rounds = np.array([h["round"] for h in avg_train])
+avg_global = np.array([avg_eval[h["round"]]["acc-s0"] for h in avg_train])
+avg_ft = np.array([avg_eval[h["round"]]["acc"] for h in avg_train])
+avg_seconds = np.cumsum([h["round-time"] for h in avg_train])
+avg_bytes = np.cumsum([h["bytes-sent"] + h["bytes-received"] for h in avg_train])
 for r in (1, 3, 10, 20, FEDAVG_ROUNDS):
     i = r - 1
     print(f"round {r:>2}: global {avg_global[i]:.2%}, +FT {avg_ft[i]:.2%}, "
@@ -279,7 +279,7 @@ for k in range(NUM_CLIENTS):
     _, _, x_test, y_test = client_tensors(avg_config, k, NUM_CLIENTS)
     avg_global_clients.append(evaluate(model, x_test, y_test)[1] / len(y_test))
 
-final = avg_history[-1]["evaluate"]
+final = avg_eval[avg_train[-1]["round"]]
 assert [int(c) for c in final["client-ids"]] == list(range(NUM_CLIENTS))
 assert fed["evaluate"]["client-ids"] == list(range(NUM_CLIENTS))
 per_client = {
@@ -503,14 +503,14 @@ for nu, mode in sweep:
     name = "nu=0 (FedAvg)" if nu == 0 else f"nu={nu} {mode}"
     start = time.perf_counter()
     _, history = run_meta_in_process(cfg, NUM_CLIENTS)
-    evaluated = [h for h in history if h.get("evaluate")]
+    evaluated = [h for h in history if h["kind"] == "evaluate"]  # records with the metrics
     runs[name] = {
         "nu": nu, "mode": mode, "tau": local_steps_for("meta", cfg),
         "rounds": [h["round"] for h in evaluated],
-        "acc": [h["evaluate"]["acc"] for h in evaluated],
-        "acc-s0": [h["evaluate"]["acc-s0"] for h in evaluated],
-        "curve": evaluated[-1]["evaluate"]["acc-curve"],
-        "client-min": evaluated[-1]["evaluate"]["acc-client-min"],
+        "acc": [h["metrics"]["acc"] for h in evaluated],
+        "acc-s0": [h["metrics"]["acc-s0"] for h in evaluated],
+        "curve": evaluated[-1]["metrics"]["acc-curve"],
+        "client-min": evaluated[-1]["metrics"]["acc-client-min"],
         "seconds": time.perf_counter() - start,
     }
     r = runs[name]

@@ -14,7 +14,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 from flwr.common import Error
 
 from flwr_analytic.analytic import (
@@ -517,6 +517,50 @@ def test_meta_strategy_resume_is_bit_identical(tmp_path, algorithm):
     # beta is the meta step size (a strategy attribute) or FedAvg's local rate (train-config lr)
     with pytest.raises(CheckpointMismatchError, match=r"beta: checkpoint 0\.05|'lr': 0\.5"):
         run_meta(InProcessGrid(make_meta_client_app(), 4, ckpt), {**ckpt, "beta": 0.5})
+
+
+@pytest.mark.usefixtures("_one_thread")
+def test_metered_fedavg_resumes_through_the_same_wrapper(tmp_path):
+    """Flower's own FedAvg, metered and checkpointed by the wrappers FedACnnL uses.
+
+    The resumed run equals an uninterrupted one bit for bit and its metered history holds every
+    round; ``Checkpointed`` inside another wrapper is refused before any round (that wrapper would
+    be neither saved nor see the resumed round numbers).
+    """
+    from flwr.app import ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from flwr_analytic.clients.meta_client import make_meta_client_app
+    from flwr_analytic.meta.config import resolve_run_config as resolve_meta
+    from flwr_analytic.meta.task import build_model
+    from flwr_analytic.strategies import Metered, SortedReplies
+
+    cfg = resolve_meta({**META, "algorithm": "fedavg", "evaluate-every": 1})
+    train_config = ConfigRecord({"local-algorithm": "sgd", "lr": 0.05, "local-steps": 2})
+    train_config["batch-size"] = 32
+    path = tmp_path / "fedavg.npz"
+
+    def run(grid, checkpoint):
+        random.seed(0)
+        fedavg = SortedReplies(FedAvg(fraction_train=0.5, min_train_nodes=2, min_available_nodes=4))
+        strategy = Checkpointed(Metered(fedavg), path) if checkpoint else Metered(fedavg)
+        initial = ArrayRecord(build_model(cfg, seed=0).state_dict())
+        result = strategy.start(grid, initial, num_rounds=3, train_config=train_config)
+        return result, strategy
+
+    honest, _ = run(InProcessGrid(make_meta_client_app(), 4, cfg), checkpoint=False)
+    with pytest.raises(ServerKilled):  # calls: round 1 train, round 1 evaluate, round 2 train
+        run(KilledInProcessGrid(make_meta_client_app(), 4, cfg, kill_at=3), checkpoint=True)
+    assert read_checkpoint(path, Checkpointed.FORMAT)[1]["server-round"] == 1
+    resumed, strategy = run(InProcessGrid(make_meta_client_app(), 4, cfg), checkpoint=True)
+    assert arrays_digest(resumed.arrays) == arrays_digest(honest.arrays)
+    assert sorted(resumed.train_metrics_clientapp) == [1, 2, 3]
+    trained = [r["round"] for r in strategy.history_records() if r["kind"] == "train"]
+    assert trained == [1, 2, 3]  # round 1 from the checkpoint, rounds 2 and 3 run again
+    outside = Metered(Checkpointed(FedAvg(min_available_nodes=4), tmp_path / "other.npz"))
+    with pytest.raises(ValueError, match="Checkpointed must be the outermost wrapper"):
+        outside.start(InProcessGrid(make_meta_client_app(), 4, cfg), ArrayRecord(), num_rounds=1)
+    assert not (tmp_path / "other.npz").exists()
 
 
 class ShuffledInProcessGrid(InProcessGrid):

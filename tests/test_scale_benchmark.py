@@ -1,9 +1,10 @@
 """The scale benchmark's quick mode (slow: several Ray simulations on digits).
 
 Runs ``benchmarks/scale.py --quick`` and checks that what it reports is consistent: the per-round
-time split never exceeds the round, rounds fit in the server's wall time and that in the process's,
-every client replied, the Flower models equal the in-process (no Flower) model, the in-process loop
-equals :func:`fit_federated`, and Ray's process tree was sampled (workers included).
+time split (from the ``Metered`` round records) never exceeds the round, rounds fit in the server's
+wall time and that in the process's, every client replied, the Flower models equal the in-process
+(no Flower) model, the in-process loop equals :func:`fit_federated`, Ray's process tree was sampled
+(workers included) and every round's memory peak was cut out by the step stamps.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def test_time_split_within_wall_time(quick):
             assert 0 < parts <= x["round-time"], (key, x)
             assert x["overhead"] == pytest.approx(x["round-time"] - parts)
             assert x["client-compute-max"] <= x["client-compute-sum"]
+            assert x["peak-rss-gib"] > 0, (key, x)  # the round's window of the memory timeline
         assert sum(x["round-time"] for x in r["rounds"]) <= r["server-wall-time"], key
         assert r["server-wall-time"] <= r["wall-time"] <= r["process-time"], key
         # the sampled tree holds the simulation process and Ray's processes
@@ -109,7 +111,8 @@ def test_overhead_fedavg_and_serialization_reported(quick):
     fa = payload["fedavg"]
     assert [r["round"] for r in fa["rounds"]] == [1, 2]
     assert all(0 < r["train-time"] <= r["round-time"] for r in fa["rounds"])
-    assert all(r["bytes-up"] > 0 for r in fa["rounds"])  # every round got client updates
+    assert all(r["bytes-received"] > 0 for r in fa["rounds"])  # every round got client updates
+    assert all(r["peak-rss-gib"] > 0 for r in fa["rounds"])
     assert sum(r["round-time"] for r in fa["rounds"]) <= fa["wall-time"] and fa["peak-rss-gib"] > 0
     for row in payload["serialization"]["rows"]:
         # the protobuf carries every float64 of the packed statistics

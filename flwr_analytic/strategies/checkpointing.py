@@ -59,9 +59,11 @@ class Checkpointed(StrategyWrapper):
 
     Notes
     -----
-    The fingerprint is the wrapped strategy's ``checkpoint_fingerprint()`` when it has one
-    (FedACnnL: architecture, schemes, ridges, seed, dtype, aggregation, release, groups), else
-    its class and scalar attributes; plus the train/evaluate configs, the SHA-256 of the initial
+    It must be the outermost wrapper (``Checkpointed(Metered(FedACnnL(...)))``): it saves the state
+    of what it wraps, and a wrapper outside it is refused at ``start``. The fingerprint is the
+    wrapped strategy's ``checkpoint_fingerprint()`` when it has one (FedACnnL: architecture,
+    schemes, ridges, seed, dtype, aggregation, release, groups), else its class and scalar
+    attributes; plus the train/evaluate configs, the SHA-256 of the initial
     arrays and ``fingerprint``. ``num_rounds`` is not part of it: a finished run can be extended.
     """
 
@@ -96,8 +98,11 @@ class Checkpointed(StrategyWrapper):
                          and isinstance(v, bool | int | float | str)})  # fmt: skip
         return {
             **base,
-            "train-config": dict(train_config or {}),
-            "evaluate-config": dict(evaluate_config or {}),
+            # Flower's FedAvg writes ``server-round`` into the config it is given: not configuration
+            "train-config": {k: v for k, v in (train_config or {}).items() if k != "server-round"},
+            "evaluate-config": {
+                k: v for k, v in (evaluate_config or {}).items() if k != "server-round"
+            },
             "initial-arrays-sha256": arrays_digest(initial_arrays or ArrayRecord()),
             **self.extra,
         }
@@ -148,8 +153,9 @@ class Checkpointed(StrategyWrapper):
         log(INFO, "Resuming after round %d from checkpoint %s", self.offset, self.path)
         return self._arrays
 
-    def start(
+    def run_loop(
         self,
+        driver: Strategy,
         grid: Grid,
         initial_arrays: ArrayRecord | None = None,
         num_rounds: int | None = None,
@@ -159,9 +165,14 @@ class Checkpointed(StrategyWrapper):
 
         Other arguments as Flower's ``Strategy.start``. The loops start at round 1 from
         ``initial_arrays``; a resumed run must start at round ``r + 1`` from the saved arrays, so
-        this wrapper shifts every round number the loop uses by ``r`` (the only reason it
-        overrides ``start``).
+        this wrapper shifts every round number the loop uses by ``r``.
         """
+        if driver is not self:
+            raise ValueError(
+                f"Checkpointed must be the outermost wrapper, but {type(driver).__name__} wraps "
+                "it: a wrapper outside it would not be saved and would see the round numbers of a "
+                "resumed run restart at 1"
+            )
         configs = (kwargs.get("train_config"), kwargs.get("evaluate_config"))
         self._fp = self.fingerprint(initial_arrays, *configs)
         self.offset = 0
@@ -172,7 +183,7 @@ class Checkpointed(StrategyWrapper):
             kwargs["num_rounds"] = max(0, num_rounds - offset)
         if evaluate_fn is not None:
             kwargs["evaluate_fn"] = lambda rnd, arrays: evaluate_fn(rnd + offset, arrays)
-        result = type(self.innermost()).start(self, grid, initial_arrays, **kwargs)
+        result = super().run_loop(driver, grid, initial_arrays, **kwargs)
         result.train_metrics_clientapp = {
             **self._metrics["train"],
             **_shift(result.train_metrics_clientapp, offset),

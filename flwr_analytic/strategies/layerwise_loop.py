@@ -53,7 +53,8 @@ def run_layerwise(
         expected = set(build_module(strategy.architecture).state_dict())
         if not set(initial_arrays.keys()) <= expected:  # a resumed run passes the solved layers
             raise ValueError("initial_arrays do not match the architecture's state_dict keys")
-    log(INFO, "Starting %s strategy:", type(strategy).__name__)
+    inner = strategy.innermost() if hasattr(strategy, "innermost") else strategy
+    log(INFO, "Starting %s strategy:", type(inner).__name__)
     strategy.summary()
     grid = strategy.reply_grid(grid)
     train_config = ConfigRecord() if train_config is None else train_config

@@ -8,7 +8,9 @@ wrapper does not have are read from the wrapped strategy (``wrapped.num_rounds``
 
 :meth:`StrategyWrapper.start` runs the innermost strategy's own loop with the outermost wrapper as the
 strategy, so every call passes through every wrapper: Flower's ``Strategy.start`` for FedAvg-like
-strategies, :func:`~flwr_analytic.strategies.layerwise_loop.run_layerwise` for FedACnnL.
+strategies, :func:`~flwr_analytic.strategies.layerwise_loop.run_layerwise` for FedACnnL. The call
+travels down the chain through :meth:`StrategyWrapper.run_loop`, where a wrapper may adjust the run
+(``Checkpointed`` resumes there).
 """
 
 from __future__ import annotations
@@ -78,7 +80,18 @@ class StrategyWrapper(Strategy):
 
     def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Result:
         """Run the innermost strategy's loop with this wrapper as the strategy (see module)."""
-        return type(self.innermost()).start(self, grid, *args, **kwargs)
+        return self.run_loop(self, grid, *args, **kwargs)
+
+    def run_loop(self, driver: Strategy, grid: Grid, *args: Any, **kwargs: Any) -> Result:
+        """Run the innermost strategy's loop with ``driver`` (the outermost wrapper) as strategy.
+
+        Each wrapper in the chain passes the call down; a wrapper that adjusts the run itself
+        (:class:`~flwr_analytic.strategies.checkpointing.Checkpointed`) overrides this method,
+        so it works at any place in the chain.
+        """
+        if isinstance(self.strategy, StrategyWrapper):
+            return self.strategy.run_loop(driver, grid, *args, **kwargs)
+        return type(self.strategy).start(driver, grid, *args, **kwargs)
 
 
 class SortedReplies(StrategyWrapper):

@@ -239,7 +239,7 @@ def solve_noisy_layer(
     sigma: float,
     ridge_factor: float = 2.0,
 ) -> np.ndarray:
-    """Server solve of ``layer`` from ``K`` noisy releases (as :class:`DPFedACnnL` does).
+    """Server solve of ``layer`` from ``K`` noisy releases (as ``DPRelease.solve`` does).
 
     ``γ_DP = (κ/2) · 2σ√(K D)``; the sum gets :func:`public_prior` and the layer's ridge
     :func:`dp_regularization` (:func:`dp_system`). Installs and returns ``W``; the network's ridge
