@@ -37,9 +37,18 @@ def test_meta_app_runs_under_ray_simulation(tmp_path, monkeypatch):
         backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0}},
     )
     saved = json.loads(path.read_text())
-    assert [h["round"] for h in saved["history"]] == [1, 2]
-    for h in saved["history"]:
-        assert h["train-clients"] == 4 and h["evaluate"]["num-clients"] == 4
-        assert h["train"]["hvp-evals"] == pytest.approx(3 * 2)
-        assert 0.0 <= h["evaluate"]["acc"] <= 1.0 and len(h["evaluate"]["acc-curve"]) == 3
-        assert h["bytes-up"] > 0 and h["round-time"] > 0
+    history = saved["history"]  # one record per round and kind (train, evaluate)
+    assert [(h["round"], h["kind"]) for h in history] == [
+        (1, "train"),
+        (1, "evaluate"),
+        (2, "train"),
+        (2, "evaluate"),
+    ]
+    for h in history:
+        assert h["num-sent"] == h["num-replies"] == 4 and h["round-time"] > 0
+        if h["kind"] == "train":
+            assert h["metrics"]["hvp-evals"] == pytest.approx(3 * 2) and h["bytes-received"] > 0
+        else:
+            ev = h["metrics"]
+            assert ev["num-clients"] == 4 and 0.0 <= ev["acc"] <= 1.0
+            assert len(ev["acc-curve"]) == 3
