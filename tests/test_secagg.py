@@ -541,3 +541,38 @@ def test_dp_run_config_keys_select_the_dp_strategy_through_the_app(tmp_path):
         grid.contexts[node] = Context(ctx.run_id, node, node_config, ctx.state, ctx.run_config)
     _, enforced = run_fedacnnl(grid, cfg)
     assert enforced["model-sha256"] == summary["model-sha256"]
+
+
+def test_dp_release_with_group_wise_output_layers(digits):
+    """DP and groups combine: each group's head is the DP solve of its members' noisy sum."""
+    split = _split(digits, 6)
+    arch = get_architecture("mlp", digits.input_shape, 10, hidden=32)
+    dp = DPConfig(1.0, clip_norm=3.0)
+    rc = {"dp-noise-multiplier": 1.0, "dp-clip-norm": 3.0, "dp-seed": 2}
+    strategy = FedACnnL(
+        arch,
+        "random-standardized",
+        seed=1,
+        min_train_nodes=6,
+        min_available_nodes=6,
+        num_groups=2,
+        release=DPRelease(dp),
+    )
+    strategy.start(_dp_grid(digits, split, rc))
+    server = strategy.server
+    assert len(server.group_weights) == 2 and len(server.group_of_node) == 6
+    # recompute each group's head from the clients' own noisy releases of the output layer
+    out = arch.num_layers - 1
+    released = {}
+    for k in range(split.num_clients):
+        x, y = digits.x[split.train[k]], digits.y[split.train[k]]
+        clipped = clipped_statistics(server.net, out, x, y, dp)
+        released[k] = add_gaussian_noise(
+            clipped, strategy.release.sigma(server.net, out), noise_rng(2, k, out)
+        )
+    partition = server.node_partitions
+    for g, w in server.group_weights.items():
+        members = sorted(partition[n] for n, grp in server.group_of_node.items() if grp == g)
+        total = merge(released[k] for k in members)
+        expected = strategy.release.group_weights(server.net, total, len(members))
+        assert np.abs(w - expected).max() <= 1e-9 * np.abs(expected).max(), g
