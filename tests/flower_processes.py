@@ -5,15 +5,12 @@ and is stopped by process id afterwards: the processes found by that unique dire
 command line or environment (the SuperLink that ``flwr run`` starts detached, the simulation
 process, Ray's workers), never by name. Test and benchmark tooling, not part of the package: the
 tests import it as ``flower_processes`` (pytest puts ``tests/`` on ``sys.path``), ``benchmarks/``
-after adding ``tests/`` to ``sys.path``; ``docs/deployment.md`` shows its use.
+after adding ``tests/`` to ``sys.path``; ``docs/deployment.md`` shows its use. The environment,
+``flwr run`` and process-ownership helpers are those of the main job (``flwr_analytic.simulate``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,128 +19,69 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flwr_analytic.simulate import (
+    LOCAL_CONNECTION,
+    format_config,
+    free_port,
+    offline_env,
+    owned_processes,
+    ray_dir,
+    run_app,
+    simulation_config,
+    stop_owned_processes,
+    write_flower_config,
+)
+
 BIN = Path(sys.executable).parent
+format_run_config = format_config
+
+__all__ = [
+    "LOCAL_CONNECTION",
+    "LocalDeployment",
+    "flower_env",
+    "flwr_run",
+    "format_run_config",
+    "free_port",
+    "owned_processes",
+    "ray_dir",
+    "simulation_config",
+    "stop_owned_processes",
+]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def flower_env(base: Path | str) -> dict[str, str]:
+    """Environment for offline Flower processes owned by ``base``, with a local connection.
 
-
-def ray_dir(base: Path | str) -> Path:
-    """Ray's temp dir for ``base``: short (Ray's socket paths must stay under 108 bytes)."""
-    digest = hashlib.sha1(str(Path(base).resolve()).encode()).hexdigest()[:10]
-    return Path("/tmp") / f"ray-fa-{digest}"
-
-
-def flower_env(base: Path) -> dict[str, str]:
-    """Environment for offline Flower processes owned by ``base`` (created if needed).
-
-    Sets ``FLWR_HOME`` and ``RAY_TMPDIR`` under ``base``, disables telemetry, update checks and
-    runtime dependency installation, gives ``flwr run``'s managed local SuperLink free ports, and
-    puts this interpreter's ``bin`` first on ``PATH``.
+    :func:`flwr_analytic.simulate.offline_env` (private ``FLWR_HOME`` and ``RAY_TMPDIR``, no
+    telemetry, update checks or dependency installation, free ports for the managed local
+    SuperLink) plus ``$FLWR_HOME/config.toml`` holding the SuperLink connection
+    ``local-simulation`` (``address = ":local:"``), the default of ``flwr run``.
     """
-    base = Path(base).resolve()
-    (base / "home").mkdir(parents=True, exist_ok=True)
-    ray_dir(base).mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(base / "home"),
-            "RAY_TMPDIR": str(ray_dir(base)),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-            "PYTHONUNBUFFERED": "1",
-            # Flower's CLI starts `flower-superlink` & co. by name: use this environment's
-            "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")]),
-        }
-    )
+    env = offline_env(base)
+    write_flower_config(env["FLWR_HOME"])
     return env
 
 
-def format_run_config(config: Mapping[str, Any]) -> str:
-    """``--run-config`` string: ``key=value`` pairs, strings single-quoted, booleans lower case."""
-    parts = []
-    for key, value in config.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        else:
-            text = "'" + str(value).replace("'", "") + "'"
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""
-
-
-def owned_processes(base: Path | str) -> list[int]:
-    """Pids (not this process) whose command line or environment names ``base`` or its Ray dir."""
-    needles = (str(Path(base).resolve()).encode(), str(ray_dir(base)).encode())
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        text = _read(entry / "cmdline") + b"\0" + _read(entry / "environ")
-        if any(n in text for n in needles):
-            pids.append(int(entry.name))
-    return pids
-
-
-def stop_owned_processes(base: Path | str, grace: float = 10.0) -> list[int]:
-    """SIGTERM the processes owned by ``base``, SIGKILL what is left after ``grace`` s.
-
-    Also removes ``base``'s Ray temp dir. Returns the pids that were signalled.
-    """
-    pids = owned_processes(base)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and owned_processes(base):
-        time.sleep(0.2)
-    for pid in owned_processes(base):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    shutil.rmtree(ray_dir(base), ignore_errors=True)
-    return pids
-
-
 def flwr_run(
-    app_dir: Path,
+    app_dir: Path | str,
     env: Mapping[str, str],
     run_config: Mapping[str, Any] | None = None,
     connection: str | None = None,
     timeout: float = 300.0,
+    num_supernodes: int | None = None,
 ) -> subprocess.CompletedProcess:
-    """``flwr run <app_dir> [connection] --stream --run-config ...``; waits for the run to end.
+    """``flwr run <app_dir> <connection> --stream --run-config ...``; waits for the run to end.
 
-    Note that ``flwr run`` migrates a ``[tool.flwr.federations]`` table of ``app_dir``'s
-    ``pyproject.toml`` into ``$FLWR_HOME/config.toml`` and comments it out in place: run it on a
-    copy of the app.
+    ``connection`` defaults to ``local-simulation``; ``num_supernodes`` (with 2 CPUs per client)
+    goes to ``--federation-config``. ``stdout`` holds stdout and stderr interleaved.
     """
-    cmd = [str(BIN / "flwr"), "run", str(app_dir)]
-    if connection:
-        cmd.append(connection)
-    cmd.append("--stream")
-    if run_config:
-        cmd += ["--run-config", format_run_config(run_config)]
-    return subprocess.run(
-        cmd, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False
+    return run_app(
+        app_dir,
+        env,
+        connection=connection or LOCAL_CONNECTION,
+        run_config=run_config,
+        federation_config=simulation_config(num_supernodes) if num_supernodes else None,
+        timeout=timeout,
     )
 
 
@@ -174,7 +112,7 @@ class LocalDeployment:
         self.env = flower_env(self.base)
         self.num_nodes = num_nodes
         self.startup_timeout = startup_timeout
-        # Flower 1.41's SuperLink serves the Fleet, Control and Runtime APIs on one HTTP port
+        # Flower 1.41/1.42's SuperLink serves the Fleet, Control and Runtime APIs on one HTTP port
         self.ports = {"superlink": free_port(), "nodes": [free_port() for _ in range(num_nodes)]}
         self.processes: list[subprocess.Popen] = []
         self.logs = self.base / "logs"
@@ -217,10 +155,9 @@ class LocalDeployment:
                     str(port),
                 ],
             )
-        home = Path(self.env["FLWR_HOME"])
-        (home / "config.toml").write_text(
-            '[superlink]\ndefault = "deployment"\n\n'
-            f'[superlink.{self.connection}]\naddress = "127.0.0.1:{p["superlink"]}"\ninsecure = true\n'
+        address = f"127.0.0.1:{p['superlink']}"
+        write_flower_config(
+            self.env["FLWR_HOME"], {self.connection: {"address": address, "insecure": True}}
         )
         time.sleep(2.0)  # the strategy itself waits until `min-nodes` SuperNodes are connected
         self.check_alive()

@@ -1,4 +1,5 @@
-"""FedACnnL under Flower's runtimes (slow): Ray via run_simulation, `flwr run`, a real deployment.
+"""FedACnnL under Flower's runtimes (slow): `flwr run` (local simulation), a real deployment, Ray via
+Flower's deprecated ``run_simulation`` entry point and the legacy API.
 
 Each run is compared with the same configuration run in-process on a :class:`LocalGrid`: the
 final model must be the same (the statistics are summed in partition-id order everywhere).
@@ -9,22 +10,30 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
+import shlex
+import subprocess
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flower_processes import (
+    BIN,
     LocalDeployment,
     flower_env,
     flwr_run,
+    format_run_config,
     owned_processes,
     stop_owned_processes,
 )
 from rounding import TOL, output_rounding_bound
 
-APP = Path(__file__).resolve().parents[1] / "apps" / "fedacnnl"
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "apps" / "fedacnnl"
+DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
+MIGRATION_NOTICE = ("legacy usage", "MIGRATION NOTICE", "will migrate")
 
 # a small, quick configuration: digits, a two-conv CNN, float64
 BASE = {
@@ -80,6 +89,7 @@ def _check_summary(summary, num_nodes, layers=3):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_run_simulation_ray_20_clients(tmp_path, monkeypatch):
+    """Flower's deprecated Python entry point still runs the app's factories (1.41, 1.42)."""
     _offline(monkeypatch, tmp_path)
     from flwr.simulation import run_simulation
 
@@ -108,11 +118,79 @@ def test_run_simulation_ray_20_clients(tmp_path, monkeypatch):
     _same_model(tmp_path / "ray.pt", ref_state, summary, ref_summary)
 
 
+def _assert_clean(output: str) -> None:
+    """No migration notice, no deprecation, no traceback in ``flwr run``'s output."""
+    for text in MIGRATION_NOTICE:
+        assert text not in output, output[-3000:]
+    assert "deprecated" not in output.lower(), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_apps_hold_no_legacy_federation_tables():
+    """Connections live in Flower's config file: a `[tool.flwr.federations]` table is the legacy
+    form that makes `flwr run` migrate it and print a notice (Flower 1.41 and 1.42)."""
+    for app in ("fedacnnl", "meta"):
+        with open(ROOT / "apps" / app / "pyproject.toml", "rb") as f:
+            flwr = tomllib.load(f)["tool"]["flwr"]
+        assert set(flwr) == {"app"}, (app, sorted(flwr))
+        assert "federations" not in (ROOT / "apps" / app / "pyproject.toml").read_text()
+
+
+def _doc_connection_and_command() -> tuple[str, list[str]]:
+    """docs/deployment.md §1: the ``config.toml`` block and the ``flwr run`` command."""
+    text = DEPLOYMENT_DOC.read_text()
+    (toml,) = [b for b in re.findall(r"```toml\n(.*?)```", text, re.S) if "local-simulation" in b]
+    commands = [
+        line
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.startswith("flwr run apps/fedacnnl local-simulation")
+    ]
+    (command,) = commands
+    return toml, shlex.split(command)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_deployment_doc_flwr_run_on_apps_fedacnnl(tmp_path):
+    """The doc's connection and command on the clone's app (4 SuperNodes, an MLP, as overrides)."""
+    toml, command = _doc_connection_and_command()
+    assert tomllib.loads(toml)["superlink"]["local-simulation"] == {"address": ":local:"}
+    env = flower_env(tmp_path / "flwr")
+    (Path(env["FLWR_HOME"]) / "config.toml").write_text(toml)
+    pyproject = (APP / "pyproject.toml").read_bytes()
+    results = tmp_path / "small.json"
+    overrides = {"model": "mlp", "min-nodes": 4, "results-path": str(results)}
+    assert command[:5] == ["flwr", "run", "apps/fedacnnl", "local-simulation", "--stream"]
+    command[0] = str(BIN / "flwr")
+    command += ["--federation-config", "num-supernodes=4"]
+    command += ["--run-config", format_run_config(overrides)]
+    try:
+        done = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+    finally:
+        stop_owned_processes(str((tmp_path / "flwr").resolve()))
+    assert owned_processes(str((tmp_path / "flwr").resolve())) == []
+    assert done.returncode == 0, done.stdout[-3000:]
+    _assert_clean(done.stdout)
+    assert (APP / "pyproject.toml").read_bytes() == pyproject  # nothing migrated in place
+    summary = json.loads(results.read_text())  # the run completed
+    assert summary["num-nodes"] == 4 and summary["architecture"].startswith("mlp")
+    assert [r["layer"] for r in summary["rounds"] if r["kind"] == "train"] == [0, 1]
+    assert 0.5 < summary["personal-accuracy"] <= 1
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_flwr_run_local_simulation_20_supernodes(tmp_path):
-    app = tmp_path / "app"
-    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
     env = flower_env(tmp_path / "flwr")
     cfg = {
         **BASE,
@@ -121,14 +199,15 @@ def test_flwr_run_local_simulation_20_supernodes(tmp_path):
         "model-path": str(tmp_path / "run.pt"),
     }
     try:
-        done = flwr_run(app, env, cfg, timeout=240)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert (tmp_path / "run.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+        done = flwr_run(APP, env, cfg, timeout=240, num_supernodes=20)
+        assert done.returncode == 0, done.stdout[-3000:]
+        assert (tmp_path / "run.json").is_file(), done.stdout[-3000:]
     finally:
         stop_owned_processes(str((tmp_path / "flwr").resolve()))
     assert owned_processes(str((tmp_path / "flwr").resolve())) == []
+    _assert_clean(done.stdout)
     summary = json.loads((tmp_path / "run.json").read_text())
-    assert summary["num-nodes"] == 20  # the federation of apps/fedacnnl/pyproject.toml
+    assert summary["num-nodes"] == 20  # --federation-config num-supernodes=20
     _check_summary(summary, 20)
     ref_summary, ref_state = _reference(cfg, 20, tmp_path)
     _same_model(tmp_path / "run.pt", ref_state, summary, ref_summary)
@@ -137,8 +216,6 @@ def test_flwr_run_local_simulation_20_supernodes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_real_deployment_superlink_and_3_supernodes(tmp_path):
-    app = tmp_path / "app"
-    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
     cfg = {
         **BASE,
         "min-nodes": 3,
@@ -147,7 +224,7 @@ def test_real_deployment_superlink_and_3_supernodes(tmp_path):
     }
     deployment = LocalDeployment(tmp_path / "deploy", num_nodes=3)
     with deployment:
-        done = deployment.run(app, cfg, timeout=200)
+        done = deployment.run(APP, cfg, timeout=200)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert (tmp_path / "deploy.json").is_file(), done.stdout[-2000:]
     assert owned_processes(str(deployment.base)) == []

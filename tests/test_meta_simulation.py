@@ -1,23 +1,19 @@
-"""The meta app under Flower's Ray simulation (slow)."""
+"""The meta app with `flwr run` on Flower's local simulation (Ray) (slow)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from flower_processes import flower_env, flwr_run, owned_processes, stop_owned_processes
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "meta"
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_meta_app_runs_under_ray_simulation(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr_home"))
-    from flwr.simulation import run_simulation
-
-    from flwr_analytic.clients import make_meta_client_app
-    from flwr_analytic.strategies import make_meta_server_app
-
+@pytest.mark.timeout(300)
+def test_meta_app_runs_with_flwr_run_local_simulation(tmp_path):
     path = tmp_path / "history.json"
     overrides = {
         "algorithm": "meta",
@@ -28,14 +24,17 @@ def test_meta_app_runs_under_ray_simulation(tmp_path, monkeypatch):
         "finetune-steps": 2,
         "dataset": "digits",
         "model": "cnn",
+        "min-nodes": 4,
         "history-path": str(path),
     }
-    run_simulation(
-        server_app=make_meta_server_app(overrides),
-        client_app=make_meta_client_app(overrides),
-        num_supernodes=4,
-        backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0}},
-    )
+    base = (tmp_path / "flwr").resolve()
+    try:
+        done = flwr_run(APP, flower_env(base), overrides, timeout=280, num_supernodes=4)
+    finally:
+        stop_owned_processes(base)
+    assert owned_processes(base) == []
+    assert done.returncode == 0 and path.is_file(), done.stdout[-3000:]
+    assert "legacy usage" not in done.stdout and "Traceback" not in done.stdout
     saved = json.loads(path.read_text())
     history = saved["history"]  # one record per round and kind (train, evaluate)
     assert [(h["round"], h["kind"]) for h in history] == [

@@ -13,21 +13,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
 from flwr_analytic.fedacnnl import protocol as P
-
-
-def client_summary(values: np.ndarray, weights: np.ndarray, prefix: str) -> dict[str, float]:
-    """Weighted mean and client distribution of per-client values ``v_k`` with weights ``n_k``.
-
-    ``prefix`` = ``Σ n_k v_k / Σ n_k``; ``-client-mean``, ``-client-std`` (population),
-    ``-client-min`` and ``-client-p10`` (10th percentile) of the ``v_k``.
-    """
-    return {
-        prefix: float(np.sum(values * weights) / np.sum(weights)),
-        f"{prefix}-client-mean": float(np.mean(values)),
-        f"{prefix}-client-std": float(np.std(values)),
-        f"{prefix}-client-min": float(np.min(values)),
-        f"{prefix}-client-p10": float(np.percentile(values, 10)),
-    }
+from flwr_analytic.report import client_summary
 
 
 def _rows(records: list[RecordDict]) -> list[Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from typing import Any, Unpack
 
 import numpy as np
@@ -23,6 +23,7 @@ from flwr_analytic.analytic.privacy.release import ReleasePolicy
 from flwr_analytic.analytic.server import ANALYTIC_DEFAULTS, AnalyticOptions, LayerwiseServer
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.models import Architecture
+from flwr_analytic.report import short_list
 from flwr_analytic.strategies.evaluation import aggregate_personalized_evaluation
 from flwr_analytic.strategies.fedacnnl_checks import check_fedacnnl_arguments
 from flwr_analytic.strategies.fedacnnl_replies import (
@@ -245,7 +246,7 @@ class FedACnnL(Strategy):
         record = self.history.open(server_round, "train")
         record.num_sent, record.details["layer"] = len(node_ids), layer
         self._sent[server_round] = node_ids
-        log(INFO, "configure_train: layer %d/%d (D=%d), sampled %d nodes",
+        log(DEBUG, "configure_train: layer %d/%d (D=%d), sampled %d nodes",
             layer + 1, self.net.num_layers, self.net.design_dim(layer), len(node_ids))  # fmt: skip
         return [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in node_ids]
 
@@ -295,9 +296,10 @@ class FedACnnL(Strategy):
         sent, known = self._sent.pop(server_round, []), self.server.node_partitions
         absent = name_absent(record, sent, replied, failed, known)
         if absent["num-missing"]:
-            log(WARNING, "aggregate_train: %d replies missing (timeout or disconnect): "
-                "partitions %s, nodes %s", absent["num-missing"],
-                absent.get("missing-partitions", []), absent.get("missing-nodes", []))  # fmt: skip
+            log(WARNING, "layer %d/%d: %d replies missing (timeout or disconnect): "
+                "partitions %s, nodes %s", layer + 1, self.net.num_layers, absent["num-missing"],
+                short_list(absent.get("missing-partitions", [])),
+                short_list(absent.get("missing-nodes", [])))  # fmt: skip
             if not self.accept_failures:
                 raise RuntimeError(
                     f"{absent['num-missing']} replies missing (accept_failures=False)"
@@ -307,8 +309,8 @@ class FedACnnL(Strategy):
         metrics = round_metrics(record, outcome, absent, timings, extra)
         if outcome.groups is not None:
             log(INFO, "group-wise output layers: %d groups of sizes %s",
-                len(outcome.groups), [len(g) for g in outcome.groups])  # fmt: skip
-        log(INFO, "aggregate_train: layer %d/%d from %d/%d replies (%d rejected), %.2f s",
+                len(outcome.groups), short_list([len(g) for g in outcome.groups]))  # fmt: skip
+        log(DEBUG, "aggregate_train: layer %d/%d from %d/%d replies (%d rejected), %.2f s",
             layer + 1, self.net.num_layers, outcome.num_valid, record.num_replies,
             metrics["num-rejected"], time.perf_counter() - t0)  # fmt: skip
         if outcome.solved:
@@ -324,9 +326,9 @@ class FedACnnL(Strategy):
                     self.net.solved_layers,
                 )  # fmt: skip
             )
-        log(WARNING, "layer %d: %d valid replies < min_valid_replies=%d; retry %d of %d",
-            layer, outcome.num_valid, self.server.min_valid_replies, self._attempts[layer],
-            self.max_retries)  # fmt: skip
+        log(WARNING, "layer %d/%d: %d valid replies < min_valid_replies=%d; retry %d of %d",
+            layer + 1, self.net.num_layers, outcome.num_valid, self.server.min_valid_replies,
+            self._attempts[layer], self.max_retries)  # fmt: skip
         return None, metrics
 
     def configure_evaluate(

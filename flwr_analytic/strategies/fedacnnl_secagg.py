@@ -1,7 +1,7 @@
 """FedACnnL through Flower's SecAgg+: the server solves each layer from the masked sum only.
 
 FedACnnL (Gu et al., arXiv 2502.06915) solves ``W = (Σ_k G_k + γI)⁻¹ Σ_k B_k``: the sums are all
-the server needs, so the statistics can travel through secure aggregation. Flower 1.41's SecAgg+
+the server needs, so the statistics can travel through secure aggregation. Flower 1.41/1.42's SecAgg+
 runs on the legacy compat path: the server app wraps this strategy in a
 ``LegacyContext`` and runs ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))``; clients run
 :class:`~flwr_analytic.clients.fedacnnl_secagg.FedACnnLSecAggClient` behind ``secaggplus_mod``
@@ -110,7 +110,7 @@ class FedACnnLSecAgg(FedACnnLLegacy):
     def open_round(self, server_round: int, failures: list[Any]) -> tuple[RoundRecord, int]:
         """As :class:`FedACnnLLegacy`, each failure counted once.
 
-        Flower 1.41's SecAggPlusWorkflow lists a client failing in the masked-vector stage twice
+        Flower 1.41/1.42's SecAggPlusWorkflow lists a client failing in the masked-vector stage twice
         (two Exception objects wrapping the same reply error).
         """
         unique = {id(f.args[0] if getattr(f, "args", None) else f): f for f in failures}

@@ -10,12 +10,14 @@ import json
 import random
 import time
 from collections.abc import Mapping
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -23,6 +25,7 @@ from flwr_analytic.analytic.privacy.release import DPRelease
 from flwr_analytic.fedacnnl.config import dp_config, resolve_run_config
 from flwr_analytic.fedacnnl.data import architecture_for, load_cached_dataset, split_from_config
 from flwr_analytic.models import build_module
+from flwr_analytic.report import accuracy_table, write_accuracy_png
 from flwr_analytic.strategies.checkpointing import Checkpointed
 from flwr_analytic.strategies.fedacnnl import FedACnnL
 from flwr_analytic.strategies.metering import Metered
@@ -91,7 +94,14 @@ def run_fedacnnl(
         Flower's result and the JSON-able summary: run config, architecture, per-round history
         (layer, clients, bytes sent/received, wall time), the aggregated evaluation (global and
         personalized accuracy/loss: weighted, client mean/std/min/p10, per client), totals, the
-        SHA-256 of the final model and, with ``dp-noise-multiplier > 0``, the privacy report.
+        SHA-256 of the final model, ``report-png`` (the per-client accuracy chart written next
+        to ``results-path``, see :func:`write_report`; ``None`` without one) and, with
+        ``dp-noise-multiplier > 0``, the privacy report.
+
+    Notes
+    -----
+    Logs the table of global vs personalized accuracy (:func:`~flwr_analytic.report.accuracy_table`)
+    at the end.
 
     """
     cfg = resolve_run_config(run_config)
@@ -130,16 +140,39 @@ def run_fedacnnl(
     privacy = strategy.privacy()  # each client's (ε, δ) over the released layers (DP)
     if privacy is not None:
         summary["privacy"] = privacy
+    for line in ["", *accuracy_table(evaluation)] if evaluation else []:
+        log(INFO, "%s", line)
+    results = Path(str(cfg["results-path"])) if cfg["results-path"] else None
+    summary["report-png"] = (
+        write_report(evaluation, results.with_suffix(".png")) if results else None
+    )
     summary = jsonable(summary)
-    if cfg["results-path"]:
-        path = Path(str(cfg["results-path"]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2))
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(summary, indent=2))
     if cfg["model-path"]:
         path = Path(str(cfg["model-path"]))
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(result.arrays.to_torch_state_dict(), path)
     return result, summary
+
+
+def write_report(evaluation: Mapping[str, Any], path: Path) -> Path | None:
+    """Write the per-client accuracy chart to ``path``; ``None`` when it cannot be drawn.
+
+    It cannot without per-client evaluation values (``fraction-evaluate = 0``) or without
+    matplotlib (a development dependency: ``pip install -e '.[dev]'``); both are logged.
+    """
+    if "client-ids" not in evaluation:
+        log(INFO, "No per-client evaluation: no report chart")
+        return None
+    try:
+        png = write_accuracy_png(evaluation, path)
+    except ImportError as exc:  # matplotlib is not a runtime dependency
+        log(WARNING, "No report chart (%s); pip install matplotlib to get one", exc)
+        return None
+    log(INFO, "Per-client accuracy chart: %s", png)
+    return png
 
 
 def make_fedacnnl_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

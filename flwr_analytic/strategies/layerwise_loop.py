@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
@@ -40,6 +40,8 @@ def run_layerwise(
     ``finished``, ``num_rounds`` (fitted layers), ``architecture``, ``reply_grid(grid)`` and
     ``global_arrays()``. ``aggregate_train`` raises when a layer cannot be solved after its retries.
     A strategy that is already finished (restored from a finished checkpoint) only evaluates.
+    The loop logs no line per round: :class:`~flwr_analytic.strategies.metering.Metered` logs one
+    (layer, clients, bytes, seconds, elapsed and remaining time).
     """
     needed = strategy.num_rounds
     if num_rounds is not None and 0 < num_rounds < needed:
@@ -56,6 +58,7 @@ def run_layerwise(
     inner = strategy.innermost() if hasattr(strategy, "innermost") else strategy
     log(INFO, "Starting %s strategy:", type(inner).__name__)
     strategy.summary()
+    log(INFO, "")
     grid = strategy.reply_grid(grid)
     train_config = ConfigRecord() if train_config is None else train_config
     evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
@@ -63,8 +66,7 @@ def run_layerwise(
     while True:
         if not strategy.finished:
             server_round += 1
-            log(INFO, "")
-            log(INFO, "[ROUND %s]", server_round)
+            log(DEBUG, "[ROUND %s]", server_round)
             messages = strategy.configure_train(server_round, ArrayRecord(), train_config, grid)
             replies = grid.send_and_receive(messages=messages, timeout=timeout)
             arrays, metrics = strategy.aggregate_train(server_round, replies)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from logging import INFO
 from typing import Any
 
 from flwr.app import ArrayRecord, Context
 from flwr.clientapp import ClientApp
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -31,6 +33,8 @@ def run_meta(
     :class:`~flwr_analytic.strategies.records.RoundRecord` per round and kind: aggregated
     metrics, bytes sent/received, round time, per-client evaluation metrics). With
     ``checkpoint-path`` the run is :class:`~flwr_analytic.strategies.checkpointing.Checkpointed`.
+    The log holds no per-client lists (they are in the history); the run ends with
+    :func:`meta_outcome`.
 
     Returns
     -------
@@ -54,9 +58,40 @@ def run_meta(
         evaluate_config=evaluate_config,
     )
     history = metered.history_records()
+    for line in meta_outcome(cfg, history):
+        log(INFO, "%s", line)
     if cfg.get("history-path"):
-        metered.save_history(cfg["history-path"], **{"run-config": dict(cfg)})
+        path = metered.save_history(cfg["history-path"], **{"run-config": dict(cfg)})
+        log(INFO, "Per-round history with per-client metrics: %s", path)
     return result, history
+
+
+def meta_outcome(cfg: Mapping[str, Any], history: list[dict[str, Any]]) -> list[str]:
+    """Closing lines of a meta run: accuracy of the global model and after fine-tuning.
+
+    From the last evaluation record: ``acc-s0`` (the global model), ``acc`` (after
+    ``finetune-steps`` SGD steps at rate ``alpha``; sample-weighted) and the clients' mean, min
+    and p10 after fine-tuning. Empty when no round was evaluated.
+    """
+    evaluated = [h for h in history if h["kind"] == "evaluate" and "acc" in h.get("metrics", {})]
+    if not evaluated:
+        return []
+    last, m = evaluated[-1], evaluated[-1]["metrics"]
+    algo = str(cfg["algorithm"])
+    if algo == "meta":
+        algo = f"ν-step meta (ν={cfg['nu']}, {cfg['mode']})"
+    steps = len(m.get("acc-curve", [0])) - 1
+    head = f"{algo} after round {last['round']}, {m['num-clients']} clients: accuracy "
+    clients = (
+        f"client mean {m['acc-client-mean']:.2%}, min {m['acc-client-min']:.2%}, "
+        f"p10 {m['acc-client-p10']:.2%}"
+    )
+    if steps == 0:  # no fine-tuning (fedavg)
+        return [f"{head}{m['acc']:.2%} (global model)", clients]
+    return [
+        f"{head}{m['acc-s0']:.2%} (global model) → {m['acc']:.2%} after {steps} fine-tuning steps",
+        f"after fine-tuning: {clients}",
+    ]
 
 
 def make_meta_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
