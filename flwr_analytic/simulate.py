@@ -298,22 +298,87 @@ def run_app(
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), "")
 
 
+#: Each option of ``flwr-analytic-simulate`` and the run-config key of ``apps/fedacnnl`` it sets;
+#: every other key keeps the app's default (:data:`flwr_analytic.fedacnnl.config.RUN_CONFIG`).
+OPTION_KEYS = {
+    "dataset": "dataset",
+    "num_clients": "min-nodes",
+    "partitioner": "partitioner",
+    "alpha": "dirichlet-alpha",
+    "model": "model",
+    "scheme": "scheme",
+    "seed": "seed",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options (:data:`OPTION_KEYS`), each help with its default and allowed values.
+
+    Defaults and allowed values come from the app's table, except ``--num-clients`` (20).
+    """
+    from flwr_analytic.data import DATASETS
+    from flwr_analytic.fedacnnl.config import RUN_CONFIG
+
+    d = RUN_CONFIG.defaults
+    allowed = {k: [str(v) for v in RUN_CONFIG.params[k].constraint.values]
+               for k in ("partitioner", "model", "scheme")}  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Any other run-config key of apps/fedacnnl: `flwr run apps/fedacnnl --run-config` "
+        "(docs/deployment.md).",
+    )
+    add = parser.add_argument
+    add("--dataset", default=d["dataset"], metavar="NAME",
+        help=f"data set: {', '.join(DATASETS)} or hub:<repo id> (Hugging Face); "
+        "default: %(default)s (embedded, offline)")  # fmt: skip
+    add("--num-clients", type=int, default=20, metavar="N",
+        help="simulated SuperNodes (clients), an integer >= 1; default: %(default)s")  # fmt: skip
+    add("--partitioner", default=d["partitioner"], choices=allowed["partitioner"], metavar="NAME",
+        help=f"how clients get data: {', '.join(allowed['partitioner'])} (precomputed: the split "
+        "stored with the data, mnist: 20 clients); default: %(default)s")  # fmt: skip
+    add("--alpha", type=float, default=d["dirichlet-alpha"], metavar="A",
+        help="Dirichlet concentration of the label split (--partitioner dirichlet), a number "
+        "> 0, smaller is more skewed; default: %(default)s")  # fmt: skip
+    add("--model", default=d["model"], choices=allowed["model"], metavar="NAME",
+        help=f"architecture: {', '.join(allowed['model'])}; default: %(default)s")  # fmt: skip
+    add("--scheme", default=d["scheme"], choices=allowed["scheme"], metavar="NAME",
+        help=f"targets of the hidden layers: {', '.join(allowed['scheme'])}; "
+        "default: %(default)s")  # fmt: skip
+    add("--seed", type=int, default=d["seed"], metavar="S",
+        help="seed of the split, random targets and sampling, an integer >= 0; "
+        "default: %(default)s")  # fmt: skip
+    add("--results", default="results/fedacnnl_results.json", metavar="PATH",
+        help="the results JSON (the per-client accuracy chart, PNG, goes next to it); "
+        '"" keeps neither; default: %(default)s')  # fmt: skip
+    return parser
+
+
+def run_config_from_args(args: argparse.Namespace, results: Path | str) -> dict[str, Any]:
+    """The run config of parsed options (:data:`OPTION_KEYS`) plus ``results-path``.
+
+    Raises
+    ------
+    flwr_analytic.config_checks.ConfigError
+        For a value the app's table does not allow (checked before any process starts).
+    """
+    from flwr_analytic.fedacnnl.config import resolve_run_config
+
+    cfg = {key: getattr(args, option) for option, key in OPTION_KEYS.items()}
+    cfg["results-path"] = str(results)
+    resolve_run_config(cfg)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the simulation; returns the run summary written by the server app."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-clients", type=int, default=20)
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration")
-    parser.add_argument("--model", default="cnn")
-    parser.add_argument("--scheme", default="label-pca")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--results",
-        default="results/fedacnnl_results.json",
-        help="where to keep the results JSON; the per-client accuracy chart (PNG) goes next to it",
-    )
-    args = parser.parse_args(argv)
+    from flwr_analytic.config_checks import ConfigError
 
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = run_config_from_args(args, args.results)
+    except ConfigError as err:
+        parser.error(str(err))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flwr-analytic-") as tmp:
         base = Path(tmp).resolve()
@@ -323,16 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = Path(args.results).resolve() if args.results else base / "results.json"
         results.parent.mkdir(parents=True, exist_ok=True)
         results.unlink(missing_ok=True)
-        cfg = {
-            "dataset": args.dataset,
-            "partitioner": "dirichlet",
-            "dirichlet-alpha": args.alpha,
-            "model": args.model,
-            "scheme": args.scheme,
-            "seed": args.seed,
-            "min-nodes": args.num_clients,
-            "results-path": str(results),
-        }
+        cfg["results-path"] = str(results)
         print(
             f"flwr run {app} {LOCAL_CONNECTION}: Flower's local simulation SuperLink, "
             f"{args.num_clients} SuperNodes (Ray, 2 CPUs each)\nprivate FLWR_HOME {env['FLWR_HOME']}",
@@ -355,9 +411,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
         summary = json.loads(results.read_text())
     wall = time.perf_counter() - start
+    split = f"Dirichlet({args.alpha})" if args.partitioner == "dirichlet" else args.partitioner
     print(
         f"\nFedACnnL through Flower's simulation: {args.dataset}, {summary['num-nodes']} SuperNodes, "
-        f"Dirichlet({args.alpha}), {summary['architecture']} ({summary['layers']} layer rounds)"
+        f"{split}, {summary['architecture']} ({summary['layers']} layer rounds)"
     )
     print_headline(
         summary["global-accuracy"],

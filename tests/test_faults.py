@@ -8,6 +8,7 @@ the grid, as a SIGKILL / KeyboardInterrupt would end ``start``). Results are com
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 
@@ -247,7 +248,7 @@ def test_retry_completes_layer_with_the_union_of_attempts(digits, streaming):
     assert retry["num-sent"] == 1 and retry["num-carried"] == 2 and retry["num-valid"] == 3
 
 
-def test_too_few_replies_after_retries_raise_and_keep_solved_layers(digits, tmp_path):
+def test_too_few_replies_after_retries_raise_and_keep_solved_layers(digits, tmp_path, caplog):
     split = federated_split(digits, 3, "iid", seed=0)
     arch = cnn(digits.input_shape, 10, channels=(4, 8))
     path = tmp_path / "ckpt.npz"
@@ -256,9 +257,16 @@ def test_too_few_replies_after_retries_raise_and_keep_solved_layers(digits, tmp_
     strategy = _strategy(
         arch, min_train_nodes=3, min_valid_replies=3, max_retries=1, checkpoint_path=path
     )
-    with pytest.raises(RuntimeError, match=r"layer 1 could not be solved: 2 valid replies") as exc:
+    with (
+        caplog.at_level(logging.INFO),
+        pytest.raises(RuntimeError, match=r"^layer 2/3 could not be solved: 2 valid") as exc,
+    ):
         strategy.start(grid)
     assert "min_valid_replies=3" in str(exc.value) and "partitions [0]" in str(exc.value)
+    # the error, the retry warning and the round lines name the layer alike: 1-based, "k/L"
+    assert "layer 2/3: 2 valid replies < min_valid_replies=3; retry 1 of 1" in caplog.text
+    assert "layer 2/3: 1 replies missing (timeout or disconnect)" in caplog.text
+    assert "layer 1 " not in caplog.text and "layer 1:" not in caplog.text
     assert strategy.net.solved_layers == 1 and strategy.net.weights[0] is not None
     # the solved layer is in the checkpoint; a restart with a healthy grid finishes the model
     arrays, meta = read_checkpoint(path, Checkpointed.FORMAT)
@@ -275,7 +283,9 @@ def test_retry_after_a_disconnect_fails_fast(digits):
     arch = mlp(digits.input_shape, 10, hidden=16)
     grid = FaultyGrid(_app(digits, split), 3, faults={2: {0: "disconnect"}})
     strategy = _strategy(arch, min_train_nodes=3, min_valid_replies=3, max_retries=2)
-    with pytest.raises(RuntimeError, match=r"layer 1 could not be solved: 2 valid .* 3 attempts"):
+    with pytest.raises(
+        RuntimeError, match=r"^layer 2/2 could not be solved: 2 valid .* 3 attempts"
+    ):
         strategy.start(grid)  # the retries find nobody left to ask: no wait for reconnection
     assert [e["num-sent"] for e in strategy.history] == [3, 3, 0, 0]
     assert strategy.history[1]["missing-partitions"] == [0] and strategy.net.solved_layers == 1

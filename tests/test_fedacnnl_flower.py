@@ -271,31 +271,17 @@ def test_evaluation_aggregation_weights():
 def test_legacy_adapters_in_process(digits):
     """Legacy NumPyClient + legacy strategy driven by hand (the Ray run is in the slow tests)."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.client_proxy import ClientProxy
+    from legacy_driver import client_manager
 
     from flwr_analytic.clients.fedacnnl_legacy import FedACnnLNumPyClient
     from flwr_analytic.strategies.fedacnnl_legacy import FedACnnLLegacy
-
-    class Proxy(ClientProxy):  # only what the strategy touches
-        def __init__(self, node_id):
-            super().__init__(str(node_id))
-            self.node_id = node_id
-
-        def get_properties(self, *a, **k): ...
-        def get_parameters(self, *a, **k): ...
-        def fit(self, *a, **k): ...
-        def evaluate(self, *a, **k): ...
-        def reconnect(self, *a, **k): ...
 
     split = federated_split(digits, 4, "dirichlet", alpha=0.5, seed=2)
     arch = cnn(digits.input_shape, 10, channels=(8, 16))
     clients = {
         900 - k: FedACnnLNumPyClient(*split.client(digits, k), partition_id=k) for k in range(4)
     }
-    manager = SimpleClientManager()
-    for node in clients:
-        manager.register(Proxy(node))
+    manager = client_manager(clients)
     strategy = FedACnnLLegacy(arch, seed=3, min_train_nodes=4, min_available_nodes=4)
     params = strategy.initialize_parameters(manager)
     for rnd in range(1, strategy.num_rounds + 1):

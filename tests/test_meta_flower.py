@@ -287,7 +287,7 @@ def test_build_strategy_for_every_algorithm_and_equal_budget():
             {"algorithm": algo, "grad-budget": 24, "nu": 3, "mode": "exact"}
         )
         assert isinstance(strategy, Metered) and isinstance(strategy.innermost(), kind), algo
-        assert eval_cfg["finetune-steps"] == (0 if algo == "fedavg" else 5)
+        assert eval_cfg["finetune-steps"] == (0 if algo == "fedavg" else 2)
     s, _, _ = build_meta_strategy({"algorithm": "per-fedavg-hf"})
     assert (s.nu, s.mode) == (1, "hessian-free")
     cfg = resolve_run_config({"grad-budget": 24, "nu": 3, "mode": "exact"})

@@ -109,6 +109,29 @@ def test_one_line_per_layer_round_numbered_from_one(fedacnnl_run):
     assert not [line for line in lines if "layer 0" in line]
 
 
+def test_configure_aggregate_and_round_lines_name_the_same_layer(caplog):
+    """Each round's ``configure_train`` and ``aggregate_train`` (DEBUG) and round line (INFO) say
+    the same ``layer k/L``, 1-based, while the JSON keeps the 0-based index."""
+    cfg = resolve_run_config({"model": "mlp", "min-nodes": 3, "results-path": ""})
+    grid = LocalGrid(make_fedacnnl_client_app(run_config=cfg), 3, cfg, seed=3)
+    with caplog.at_level(logging.DEBUG, logger="flwr"):
+        _, summary = run_fedacnnl(grid, cfg)
+    layers, rounds, server_round = summary["layers"], {}, 0
+    for record in caplog.records:
+        text = record.getMessage()
+        if text.startswith("[ROUND "):
+            server_round = int(text.strip("[]").split()[1])
+        for kind in ("configure_train", "aggregate_train", "round line"):
+            prefix = "layer " if kind == "round line" else f"{kind}: layer "
+            if text.startswith(prefix):
+                rounds.setdefault(server_round, {})[kind] = text[len(prefix) :].split()[0]
+    assert layers == 2 and sorted(rounds) == [1, 2]
+    for r, said in rounds.items():  # round r fits layer r (no retries here)
+        assert said == dict.fromkeys(("configure_train", "aggregate_train", "round line"),
+                                     f"{r}/{layers}"), said  # fmt: skip
+    assert [x["layer"] for x in summary["rounds"] if x["kind"] == "train"] == [0, 1]
+
+
 def test_final_table_is_logged_with_the_evaluation_numbers(fedacnnl_run):
     summary, lines, _ = fedacnnl_run
     ev = summary["evaluate"]
@@ -250,6 +273,10 @@ def test_meta_run_logs_short_lines_and_keeps_lists_in_the_json(caplog, tmp_path)
         *result.evaluate_metrics_clientapp.values(),
     ]:
         assert not [k for k, v in record.items() if isinstance(v, list)]
+    for record in result.train_metrics_clientapp.values():  # whole counts print as integers
+        assert type(record["local-steps"]) is int and type(record["grad-evals"]) is int
+    assert "'local-steps': '2'" in text and "'samples-processed': '" in text
+    assert "e+0" not in text.split("'samples-processed': '")[1].split("'")[0]
     saved = json.loads(path.read_text())["history"]
     evaluated = [h for h in saved if h["kind"] == "evaluate"]
     assert [h["metrics"]["client-ids"] for h in evaluated] == [[0, 1, 2, 3]] * 2

@@ -24,13 +24,58 @@ BIN = Path(sys.executable).parent
 MIGRATION_NOTICE = ("legacy usage", "MIGRATION NOTICE", "will migrate")
 
 
-def test_help_lists_the_options():
+OPTIONS = ("dataset", "num-clients", "partitioner", "alpha", "model", "scheme", "seed", "results")
+
+
+def test_help_lists_every_option_with_its_default_and_allowed_values():
     done = subprocess.run(
         [str(BIN / "flwr-analytic-simulate"), "--help"], capture_output=True, text=True, check=True
     )
-    for option in ("--num-clients", "--dataset", "--alpha", "--model", "--scheme", "--seed"):
-        assert option in done.stdout
-    assert "--results" in done.stdout and done.stderr == ""
+    assert done.stderr == ""
+    text = " ".join(done.stdout.split())  # argparse wraps the help lines
+    for option in OPTIONS:
+        assert f"--{option}" in text
+    helps = {a.dest: a.help % vars(a) for a in simulate.build_parser()._actions if a.dest != "help"}
+    assert sorted(helps) == sorted(o.replace("-", "_") for o in OPTIONS)
+    for dest, text in helps.items():
+        assert "default: " in text, dest
+    allowed = {
+        "partitioner": "iid, dirichlet, pathological, precomputed",
+        "model": "linear, mlp, lenet5, cnn",
+        "scheme": "label-encoding, pca, label-pca, random, random-standardized",
+        "dataset": "digits, mnist, fashion-mnist, cifar10 or hub:<repo id>",
+        "alpha": "> 0",
+        "seed": ">= 0",
+        "num_clients": ">= 1",
+    }
+    for dest, values in allowed.items():
+        assert values in helps[dest], dest
+    assert "default: dirichlet" in helps["partitioner"] and "default: 20" in helps["num_clients"]
+
+
+def test_options_map_to_run_config_keys():
+    parser = simulate.build_parser()
+    args = parser.parse_args(["--partitioner", "pathological", "--num-clients", "5"])
+    cfg = simulate.run_config_from_args(args, "/tmp/r.json")
+    assert cfg["partitioner"] == "pathological" and cfg["min-nodes"] == 5
+    assert cfg["results-path"] == "/tmp/r.json"
+    # no options: the embedded default run (digits, 20 clients, Dirichlet(0.1), cnn, label-pca)
+    default = simulate.run_config_from_args(parser.parse_args([]), "r.json")
+    assert default == {
+        "dataset": "digits",
+        "min-nodes": 20,
+        "partitioner": "dirichlet",
+        "dirichlet-alpha": 0.1,
+        "model": "cnn",
+        "scheme": "label-pca",
+        "seed": 0,
+        "results-path": "r.json",
+    }
+    assert set(default) == {*simulate.OPTION_KEYS.values(), "results-path"}
+    with pytest.raises(SystemExit):  # not an allowed value: argparse says so, nothing runs
+        parser.parse_args(["--partitioner", "shards"])
+    with pytest.raises(ValueError, match="dirichlet-alpha"):
+        simulate.run_config_from_args(parser.parse_args(["--alpha", "0"]), "r.json")
 
 
 def test_flower_config_holds_a_local_simulation_connection(tmp_path):

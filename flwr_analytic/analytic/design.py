@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from scipy.linalg.blas import dsyrk, ssyrk
 
 from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError
+from flwr_analytic.models.architectures import ConvGeometry
 
 
 class StatisticsAccumulator:
@@ -105,30 +106,41 @@ class StatisticsAccumulator:
         return LayerStatistics(gram, self._cross.copy(), self._count)
 
 
-def conv_rows(x: torch.Tensor, kernel_size: int, padding: int) -> torch.Tensor:
-    """im2col of a batch in one copy: ``(N, C, H, W)`` -> ``(N, L, C·k²)`` (stride 1).
+def conv_rows(x: torch.Tensor, kernel_size: int | ConvGeometry, padding: int = 0) -> torch.Tensor:
+    """im2col of a batch in one copy: ``(N, C, H, W)`` -> ``(N, L, C·kh·kw)``.
 
     Row ``[n, (i, j)]`` is the patch under output position ``(i, j)``, flattened channel-major like
     ``Conv2d.weight`` and :func:`torch.nn.functional.unfold` (which this equals up to a transpose).
+    ``kernel_size`` and ``padding`` give a square stride-1 kernel; a
+    :class:`~flwr_analytic.models.ConvGeometry` gives any kernel, stride, padding and dilation:
+    patch ``(i, j)`` reads rows ``s_h·i + d_h·a`` and columns ``s_w·j + d_w·b`` of the padded input.
     """
-    if padding:
-        x = F.pad(x, (padding, padding, padding, padding))
+    if isinstance(kernel_size, ConvGeometry):
+        geo = kernel_size
+    else:
+        geo = ConvGeometry.of(x.shape[1], kernel_size, 1, padding)
+    (kh, kw), (st_h, st_w), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.padding, geo.dilation
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
     n, c, h, w = x.shape
-    ho, wo = h - kernel_size + 1, w - kernel_size + 1
+    ho, wo = (h - dh * (kh - 1) - 1) // st_h + 1, (w - dw * (kw - 1) - 1) // st_w + 1
     sn, sc, sh, sw = x.stride()
-    view = x.as_strided((n, ho, wo, c, kernel_size, kernel_size), (sn, sh, sw, sc, sh, sw))
-    return view.reshape(n, ho * wo, c * kernel_size * kernel_size)
+    view = x.as_strided(
+        (n, ho, wo, c, kh, kw), (sn, sh * st_h, sw * st_w, sc, sh * dh, sw * dw), x.storage_offset()
+    )
+    return view.reshape(n, ho * wo, c * kh * kw)
 
 
 def weight_to_conv(
-    w: np.ndarray, in_channels: int, kernel_size: int
+    w: np.ndarray, in_channels: int, kernel_size: int | tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Map a solved design-space matrix ``W`` (D x C_out) to ``Conv2d`` weight and bias.
 
-    ``weight = W[:-1].T.reshape(C_out, C_in, k, k)``, ``bias = W[-1]``.
+    ``weight = W[:-1].T.reshape(C_out, C_in, kh, kw)``, ``bias = W[-1]``.
     """
     c_out = w.shape[1]
-    return w[:-1].T.reshape(c_out, in_channels, kernel_size, kernel_size), w[-1].copy()
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    return w[:-1].T.reshape(c_out, in_channels, kh, kw), w[-1].copy()
 
 
 def conv_to_weight(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:

@@ -3,15 +3,17 @@
 Layer ``l``'s design rows are computed by forwarding the data through the already solved layers
 ``< l`` (fixed activations and pooling); its weights come from the summed statistics by the layer's
 target scheme (hidden layers) or by ridge regression onto one-hot labels (output layer). The network
-is a plain :class:`~flwr_analytic.models.SpecNet` underneath, so it exports as a ``torch.nn.Module`` /
-``state_dict`` that runs anywhere. ACnnL: Zhuang, Lin, Yang, Toh, Information Sciences 2025; FedACnnL:
+is a plain ``torch.nn.Module`` underneath (a :class:`~flwr_analytic.models.SpecNet`, or the user's own
+model traced by :func:`~flwr_analytic.models.trace_model`), so it exports as a ``state_dict`` that
+loads into that module. ACnnL: Zhuang, Lin, Yang, Toh, Information Sciences 2025; FedACnnL:
 Gu et al., arXiv 2502.06915.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,8 @@ from flwr_analytic.analytic.design import (
 from flwr_analytic.analytic.solvers import Regularization, ridge_solve
 from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError
 from flwr_analytic.analytic.targets import TargetScheme, one_hot
-from flwr_analytic.models import Architecture, ConvSpec, SpecNet, build_module
+from flwr_analytic.data.batches import iter_batches
+from flwr_analytic.models import Architecture, TracedArchitecture
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -33,6 +36,33 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 def layer_seed(seed: int, layer: int) -> int:
     """The seed of ``layer``'s random choices (encodings, random filters), derived from the run seed."""
     return int(np.random.SeedSequence([seed, layer]).generate_state(1)[0])
+
+
+def without_bias(stats: LayerStatistics) -> LayerStatistics:
+    """Statistics of a bias-free layer: the bias border of ``G`` zeroed (the count stays).
+
+    ``G`` becomes block diagonal, so the ridge solution's weight rows are the bias-free least
+    squares ``(G_xx + γI)⁻¹ B_x`` and PCA reads uncentred moments; the bias row is then set to 0.
+    """
+    gram = stats.gram.copy()
+    gram[:-1, -1] = 0.0
+    gram[-1, :-1] = 0.0
+    return LayerStatistics(gram, stats.cross, stats.count)
+
+
+def design_to_params(w: np.ndarray, geometry: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(weight, bias)`` of a ``Conv2d`` (``geometry`` given) or ``Linear`` from ``W`` (D x out)."""
+    if geometry is not None:
+        return weight_to_conv(w, geometry.in_channels, geometry.kernel)
+    return w[:-1].T, w[-1]
+
+
+def params_to_design(weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """Inverse of :func:`design_to_params` (a missing bias is a zero row)."""
+    bias = np.zeros(weight.shape[0]) if bias is None else bias
+    if weight.ndim == 4:
+        return conv_to_weight(weight, bias)
+    return np.vstack([weight.T, bias[None, :]])
 
 
 def batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -48,8 +78,9 @@ class AnalyticNetwork:
 
     Parameters
     ----------
-    arch : Architecture
-        Layer specs; the last layer is the linear output onto ``arch.num_classes``.
+    arch : Architecture or TracedArchitecture
+        Layer specs, or a user's model traced by :func:`~flwr_analytic.models.trace_model`; the
+        last layer is the linear output onto ``arch.num_classes``.
     scheme : str, TargetScheme, or a sequence of them
         Hidden-layer target scheme (``"label-pca"``, ``"pca"``, ``"label-encoding"``, ``"random"``):
         one for every hidden layer, or one per hidden layer.
@@ -67,7 +98,7 @@ class AnalyticNetwork:
 
     def __init__(
         self,
-        arch: Architecture,
+        arch: Architecture | TracedArchitecture,
         scheme: str | TargetScheme | Sequence[str | TargetScheme] = "label-pca",
         *,
         hidden_reg: Regularization | None = None,
@@ -88,7 +119,7 @@ class AnalyticNetwork:
         self.output_reg = output_reg or Regularization(1e-6)
         self.seed = seed
         self.dtype = dtype
-        self.module: SpecNet = build_module(arch).to(_DTYPES[dtype]).eval()
+        self.module: torch.nn.Module = arch.build_module().to(_DTYPES[dtype]).eval()
         self.weights: list[np.ndarray | None] = [None] * arch.num_layers
 
     # ----------------------------------------------------------------------------------- shapes
@@ -132,12 +163,11 @@ class AnalyticNetwork:
         """Per-sample targets ``t_n`` of ``layer`` (one-hot labels for the output layer)."""
         if self.is_output(layer):
             return one_hot(y, self.arch.num_classes)
-        spec = self.arch.spec(layer)
         return self.schemes[layer].targets(
             y,
             self.arch.num_classes,
             self.arch.out_width(layer),
-            spec.activation,
+            self.arch.activation(layer),
             layer_seed(self.seed, layer),
         )
 
@@ -153,23 +183,24 @@ class AnalyticNetwork:
     def rows_per_sample(self, layer: int) -> int:
         """Design rows ``P`` one sample contributes to ``layer``.
 
-        ``P = 1`` for a dense layer; for a stride-1 conv layer with kernel ``k`` and padding ``p``
-        on an ``H x W`` input, the output positions ``P = (H + 2p − k + 1)(W + 2p − k + 1)``.
-        Honest statistics have ``G[-1, -1] = P n``.
+        ``P = 1`` for a dense layer; for a conv layer, its output positions on the layer's
+        ``H x W`` input, ``P = H_out·W_out`` with ``H_out = ⌊(H + 2p − d(k − 1) − 1)/s⌋ + 1``
+        (``P = (H + 2p − k + 1)(W + 2p − k + 1)`` at stride 1). Honest statistics have
+        ``G[-1, -1] = P n``.
         """
-        spec = self.arch.spec(layer)
-        if not isinstance(spec, ConvSpec):
+        geometry = self.arch.conv_geometry(layer)
+        if geometry is None:
             return 1
         _, h, w = self.arch.input_shape_of(layer)
-        k, p = spec.kernel_size, spec.padding
-        return (h + 2 * p - k + 1) * (w + 2 * p - k + 1)
+        h_out, w_out = geometry.output_size(h, w)
+        return h_out * w_out
 
     @torch.no_grad()
     def statistics(
         self,
         layer: int,
-        x: np.ndarray | torch.Tensor,
-        y: np.ndarray,
+        x: Any,
+        y: np.ndarray | None = None,
         batch_size: int = 256,
         *,
         rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -183,10 +214,12 @@ class AnalyticNetwork:
         ----------
         layer : int
             The layer (its lower layers must be solved).
-        x, y : array-like
-            Samples and integer labels.
+        x, y : array-like, or a data source and ``None``
+            Samples and integer labels; or, with ``y=None``, any source of
+            :func:`~flwr_analytic.data.batches.iter_batches` (an ``ArrayDataset``, the user's
+            ``DataLoader`` of dict or ``(x, y)`` batches, a ``LoaderData``).
         batch_size : int
-            Samples per batch.
+            Samples per batch (array sources; a loader keeps its own).
         rows : callable, optional
             Maps each batch's design rows ``(N, P, D − 1)`` (the bias entry implicit) to the rows
             that enter ``G`` and ``B``, e.g. DP clipping ``a ← a · min(1, √(C²−1)/‖a‖)``.
@@ -194,22 +227,34 @@ class AnalyticNetwork:
             Maps each batch's targets ``(N, m)`` likewise (e.g. clipping to ``‖t‖ ≤ τ``).
 
         """
-        spec = self.arch.spec(layer)
+        geometry = self.arch.conv_geometry(layer)
         acc = StatisticsAccumulator(self.design_dim(layer), self.num_targets(layer), self.dtype)
-        y = np.asarray(y)
-        if len(y) != len(x):
-            raise StatisticsError(f"{len(x)} samples but {len(y)} labels")
-        for sl in batches(len(y), batch_size):
-            h = self.layer_input(layer, x[sl])
-            t = self.layer_targets(layer, y[sl]) if acc.targets else None
+        if y is not None:
+            y = np.asarray(y)
+            if len(y) != len(x):
+                raise StatisticsError(f"{len(x)} samples but {len(y)} labels")
+        for xb, yb in self._batches(x, y, batch_size):
+            h = self.layer_input(layer, xb)
+            t = self.layer_targets(layer, yb) if acc.targets else None
             if t is not None and targets is not None:
                 t = targets(t)
-            if isinstance(spec, ConvSpec):
-                patches = conv_rows(h, spec.kernel_size, spec.padding)
+            if geometry is not None:
+                patches = conv_rows(h, geometry)
             else:
                 patches = torch.flatten(h, 1)[:, None, :]
             acc.add_patches(patches if rows is None else rows(patches), t)
         return acc.result()
+
+    def _batches(self, x: Any, y: np.ndarray | None, batch_size: int) -> Iterable[tuple[Any, Any]]:
+        """Batches of ``(x, y)`` arrays or of a data source, each checked against the input shape."""
+        source = iter_batches((x, y) if y is not None else x, batch_size)
+        for xb, yb in source:
+            shape = tuple(int(s) for s in xb.shape[1:])
+            if shape != tuple(self.arch.input_shape):
+                raise StatisticsError(
+                    f"data samples have shape {shape}, the model expects {tuple(self.arch.input_shape)}"
+                )
+            yield xb, yb
 
     # ---------------------------------------------------------------------------- server half
     def solve(
@@ -237,6 +282,8 @@ class AnalyticNetwork:
         dim, width = self.design_dim(layer), self.arch.out_width(layer)
         if stats is not None:
             stats.validate(dim, self.num_targets(layer))
+        if stats is not None and not self.arch.has_bias(layer):
+            stats = without_bias(stats)
         if self.is_output(layer):
             if stats is None:
                 raise ValueError("the output layer needs its statistics")
@@ -249,6 +296,9 @@ class AnalyticNetwork:
                 self.hidden_reg if reg is None else reg,
                 layer_seed(self.seed, layer),
             )
+        if not self.arch.has_bias(layer):
+            w = np.array(w, dtype=np.float64)
+            w[-1] = 0.0
         self.set_layer(layer, w)
         return w
 
@@ -260,37 +310,51 @@ class AnalyticNetwork:
             raise ValueError(f"layer {layer} weights must be ({dim}, {width}), got {w.shape}")
         if not np.all(np.isfinite(w)):
             raise ValueError(f"layer {layer} weights are not finite")
-        spec, op = self.arch.spec(layer), self.module.blocks[layer].op
-        if isinstance(spec, ConvSpec):
-            weight, bias = weight_to_conv(w, self.arch.input_shape_of(layer)[0], spec.kernel_size)
-        else:
-            weight, bias = w[:-1].T, w[-1]
+        if not self.arch.has_bias(layer) and np.any(w[-1] != 0):
+            raise ValueError(f"layer {layer} has no bias, but its weights' bias row is not 0")
+        weight, bias = design_to_params(w, self.arch.conv_geometry(layer))
+        op = self.module.layer_op(layer)
         op.weight.data = torch.from_numpy(np.ascontiguousarray(weight)).to(op.weight.dtype)
-        op.bias.data = torch.from_numpy(np.ascontiguousarray(bias)).to(op.bias.dtype)
+        if op.bias is not None:
+            op.bias.data = torch.from_numpy(np.ascontiguousarray(bias)).to(op.bias.dtype)
         self.weights[layer] = w.copy()
 
     # ------------------------------------------------------------------------- use and export
     @torch.no_grad()
-    def predict(self, x: np.ndarray | torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-        """Output scores (N x c) of the fully solved network."""
+    def predict(self, x: Any, batch_size: int = 1024) -> np.ndarray:
+        """Output scores (N x c) of the fully solved network on samples ``x`` or a data source."""
         if self.solved_layers != self.num_layers:
             raise RuntimeError(f"only {self.solved_layers} of {self.num_layers} layers are solved")
-        out = [self.module(self._as_tensor(x[sl])).numpy() for sl in batches(len(x), batch_size)]
+        if isinstance(x, np.ndarray | torch.Tensor):
+            chunks = (x[sl] for sl in batches(len(x), batch_size))
+        else:
+            chunks = (xb for xb, _ in self._batches(x, None, batch_size))
+        out = [self.module(self._as_tensor(xb)).numpy() for xb in chunks]
         return np.concatenate(out) if out else np.zeros((0, self.arch.num_classes))
 
-    def evaluate(self, x: np.ndarray | torch.Tensor, y: np.ndarray) -> dict[str, float]:
-        """Accuracy and loss (mean squared error to one-hot, the layer's training objective)."""
-        scores = self.predict(x)
-        y = np.asarray(y)
-        if len(y) == 0:
+    @torch.no_grad()
+    def evaluate(self, x: Any, y: np.ndarray | None = None) -> dict[str, float]:
+        """Accuracy and loss (mean squared error to one-hot, the layer's training objective).
+
+        On samples and labels ``(x, y)``, or on a data source ``x`` with ``y=None`` (streamed).
+        """
+        correct, losses = 0, []
+        if y is not None and len(y) == 0:
+            source: Iterable[tuple[Any, Any]] = ()
+        else:
+            source = self._batches(x, y, 1024)
+        for xb, yb in source:
+            scores = self.predict(self._as_tensor(xb))
+            correct += int(np.sum(scores.argmax(1) == yb))
+            losses.append(np.sum((scores - one_hot(yb, self.arch.num_classes)) ** 2, axis=1))
+        count = sum(len(batch) for batch in losses)
+        if count == 0:
             return {"accuracy": float("nan"), "loss": float("nan"), "num-examples": 0}
-        correct = int(np.sum(scores.argmax(1) == y))
-        loss = float(np.mean(np.sum((scores - one_hot(y, self.arch.num_classes)) ** 2, axis=1)))
         return {
-            "accuracy": correct / len(y),
-            "loss": loss,
+            "accuracy": correct / count,
+            "loss": float(np.mean(np.concatenate(losses))),
             "correct": correct,
-            "num-examples": len(y),
+            "num-examples": count,
         }
 
     def with_weights(self, weights: list[np.ndarray]) -> AnalyticNetwork:
@@ -300,21 +364,27 @@ class AnalyticNetwork:
             other.set_layer(layer, w)
         return other
 
-    def to_module(self, dtype: torch.dtype = torch.float32) -> SpecNet:
+    def to_module(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """The trained network as a plain ``torch.nn.Module`` (a copy, in ``dtype``)."""
         return copy.deepcopy(self.module).to(dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``state_dict`` of :meth:`to_module` in float64; loads into ``build_module(arch)``."""
+        """``state_dict`` of :meth:`to_module` in float64.
+
+        Loads into ``arch.build_module()``; for a traced model, into the user's own class (its
+        parameter names), e.g. ``Net().load_state_dict(net.state_dict())``.
+        """
         return {k: v.clone() for k, v in self.module.state_dict().items()}
 
     def load_module(self, module: torch.nn.Module) -> None:
-        """Install the weights of a ``SpecNet`` of the same architecture (inverse of :meth:`to_module`)."""
+        """Install the weights of a module of this architecture (``SpecNet`` or the user's own).
+
+        Inverse of :meth:`to_module` / :meth:`state_dict`: the layers are read by their
+        ``state_dict`` keys (:meth:`arch.param_keys <flwr_analytic.models.Architecture.param_keys>`).
+        """
+        state = module.state_dict()
         for layer in range(self.num_layers):
-            op = module.blocks[layer].op
-            weight = op.weight.detach().double().numpy()
-            bias = op.bias.detach().double().numpy()
-            if isinstance(self.arch.spec(layer), ConvSpec):
-                self.set_layer(layer, conv_to_weight(weight, bias))
-            else:
-                self.set_layer(layer, np.vstack([weight.T, bias[None, :]]))
+            kw, kb = self.arch.param_keys(layer)
+            weight = state[kw].detach().double().numpy()
+            bias = None if kb is None else state[kb].detach().double().numpy()
+            self.set_layer(layer, params_to_design(weight, bias))

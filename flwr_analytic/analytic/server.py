@@ -22,8 +22,8 @@ transport (Flower's Message API, the legacy API, SecAgg+, a test harness) drives
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypedDict
 
 import numpy as np
@@ -36,6 +36,7 @@ from flwr_analytic.analytic.aggregation import (
     StreamingSum,
 )
 from flwr_analytic.analytic.network import AnalyticNetwork
+from flwr_analytic.analytic.ownership import PartitionOwners
 from flwr_analytic.analytic.privacy.release import ExactRelease, ReleasePolicy
 from flwr_analytic.analytic.solvers import Regularization
 from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError, merge
@@ -164,6 +165,8 @@ class LayerwiseServer:
         self.group_weights: dict[int, np.ndarray] = {}
         #: node id -> partition id, learned from contributions (to name absent clients)
         self.node_partitions: dict[int, int] = {}
+        #: partition id -> node on first contact, and the agreed num-partitions (issue 13)
+        self.owners = PartitionOwners()
         self.open_sum: LayerSum | None = None
         self._open_layer = -1
         self.advance_free_layers()
@@ -210,7 +213,10 @@ class LayerwiseServer:
             if isinstance(claimed_layer, bool) or not isinstance(claimed_layer, int | np.integer):
                 raise StatisticsError(f"metric 'layer' must be an integer, got {claimed_layer!r}")
             if int(claimed_layer) != layer:
-                raise StatisticsError(f"statistics of layer {claimed_layer}, expected {layer}")
+                n = self.net.num_layers  # named 1-based, "layer k/L", as in the log
+                raise StatisticsError(
+                    f"statistics of layer {int(claimed_layer) + 1}/{n}, expected layer {layer + 1}/{n}"
+                )
         if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer):
             raise StatisticsError(f"num-examples must be an integer, got {num_examples!r}")
         dim, targets = self.net.design_dim(layer), self.net.num_targets(layer)
@@ -240,11 +246,30 @@ class LayerwiseServer:
             return 0
         return len(self.open_sum.keys)
 
-    def contribute(self, key: ClientKey, stats: LayerStatistics) -> None:
-        """Add a checked contribution to the current layer's sum."""
-        self.open_layer().add(key, stats)
+    def contribute(
+        self,
+        key: ClientKey,
+        stats: LayerStatistics,
+        num_partitions: int | None = None,
+        connected: Collection[int] | None = None,
+    ) -> str | None:
+        """Add a checked contribution to the current layer's sum.
+
+        The claim is checked against the partition's owner and the run's ``num-partitions``
+        (:class:`~flwr_analytic.analytic.ownership.PartitionOwners`; ``connected``: the node ids
+        connected now, so that a partition may move from a node that is gone). Returns a note when
+        it moves; raises ``StatisticsError`` naming both nodes for a conflicting claim.
+        """
+        note = self.owners.check(key, num_partitions, self.layer, connected)
+        open_sum = self.open_layer()
+        first = next((k for k in open_sum.keys if k.known and key.known
+                      and k.partition == key.partition), None)  # fmt: skip
+        if first is not None and isinstance(open_sum, StreamingSum):
+            raise StatisticsError(self.owners.same_round(first, key, self.layer, "arrived first"))
+        open_sum.add(key, stats)
         if key.known:
             self.node_partitions[key.node] = key.partition
+        return note
 
     def close_layer(self) -> LayerOutcome:
         """Solve the current layer from its sum when it has ``min_valid_replies`` contributions.
@@ -252,8 +277,13 @@ class LayerwiseServer:
         Otherwise the sum stays open: a retry adds to it.
         """
         layer, open_sum = self.layer, self.open_layer()
-        duplicates = open_sum.close()
+        duplicates = []
+        for dropped, _ in open_sum.close():  # SortedSum: same-round claims of a partition
+            kept = next(k for k in open_sum.keys if k.partition == dropped.partition)
+            why = self.owners.same_round(kept, dropped, layer, "the smaller node id")
+            duplicates.append((dropped, why))
         keys = open_sum.keys
+        self.owners.bind(keys, layer)
         outcome = LayerOutcome(
             layer, False, len(keys), [k.partition for k in keys if k.known], duplicates
         )
@@ -339,14 +369,8 @@ class LayerwiseServer:
     # ------------------------------------------------------------------ fingerprint, state
     def fingerprint(self) -> dict[str, Any]:
         """The configuration that determines the solved layers (compared when resuming)."""
-        arch = self.architecture
         return {
-            "architecture": {
-                "name": arch.name,
-                "input-shape": list(arch.input_shape),
-                "num-classes": arch.num_classes,
-                "hidden": [{"type": type(s).__name__, **asdict(s)} for s in arch.hidden],
-            },
+            "architecture": self.net.arch.describe(),
             "schemes": [[s.name, s.encoding] for s in self.net.schemes],
             "gamma": float(self.gamma),
             "hidden-gamma": float(self.hidden_gamma),
@@ -373,6 +397,7 @@ class LayerwiseServer:
             "solved-layers": self.net.solved_layers,
             "statistics-layers": sorted(self.layer_statistics),
             "node-partitions": {str(k): v for k, v in self.node_partitions.items()},
+            "owners": self.owners.state(),
             "group-of-node": {str(k): v for k, v in self.group_of_node.items()},
         }
         return arrays, meta
@@ -391,6 +416,7 @@ class LayerwiseServer:
         self.group_weights = {g: groups[g] for g in sorted(groups)}
         self.group_of_node = {int(k): int(v) for k, v in meta["group-of-node"].items()}
         self.node_partitions = {int(k): int(v) for k, v in meta["node-partitions"].items()}
+        self.owners = PartitionOwners.restore(meta.get("owners"))
         self.advance_free_layers()
 
 

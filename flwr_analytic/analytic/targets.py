@@ -19,7 +19,8 @@ Schemes
     bias ``−μ·w_j``, used in ``±`` pairs so a ReLU keeps both signs. Needs ``G`` only.
 ``label-pca``
     The first ``c`` channels are the label-regression solution ``(G + γI)⁻¹ AᵀY``, the remaining
-    ``C_out − c`` channels PCA pairs.
+    ``C_out − c`` channels PCA pairs; channels PCA cannot fill (an odd remainder, or more pairs
+    than the ``D − 1`` input directions, as in a user's own model) are ``random-standardized``.
 ``random``
     The random-feature control: seeded Gaussian filters ``N(0, 1/(D−1))`` and biases, no statistics.
 ``random-standardized``
@@ -213,9 +214,8 @@ class TargetScheme:
             return pca_filters(stats, width // 2)
         label = ridge_solve(stats.gram, stats.cross, reg)
         rest = width - label.shape[1]
-        if rest % 2:
-            raise ValueError(
-                f"label-pca fills {rest} channels after {label.shape[1]} label channels with ± pairs: "
-                "needs an even remainder"
-            )
-        return np.hstack([label, pca_filters(stats, rest // 2)]) if rest else label
+        pairs = min(rest // 2, dim - 1)
+        parts = [label] + ([pca_filters(stats, pairs)] if pairs else [])
+        if rest > 2 * pairs:  # an odd width, or more channels than PCA directions
+            parts.append(standardized_random_filters(stats, rest - 2 * pairs, seed))
+        return np.hstack(parts)

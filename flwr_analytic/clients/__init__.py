@@ -2,6 +2,7 @@
 
 from flwr_analytic.clients.fedacnnl_client import make_fedacnnl_client_app
 from flwr_analytic.clients.fedacnnl_legacy import FedACnnLNumPyClient
+from flwr_analytic.clients.fedacnnl_project import add_fedacnnl_handlers, partition_from_load_data
 from flwr_analytic.clients.meta_client import (
     handle_evaluate,
     handle_train,
@@ -12,6 +13,8 @@ from flwr_analytic.clients.meta_client import (
 
 __all__ = [
     "FedACnnLNumPyClient",
+    "add_fedacnnl_handlers",
+    "partition_from_load_data",
     "handle_evaluate",
     "handle_train",
     "local_evaluate",

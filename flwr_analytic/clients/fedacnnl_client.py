@@ -12,18 +12,35 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from threadpoolctl import threadpool_limits
 
-from flwr_analytic.analytic import AnalyticNetwork, LayerStatistics, personalize
+from flwr_analytic.analytic import LayerStatistics
 from flwr_analytic.clients.fedacnnl_dp import dp_metrics, release_statistics
-from flwr_analytic.config_checks import RunConfig
-from flwr_analytic.data import ArrayDataset
+from flwr_analytic.clients.fedacnnl_local import (
+    ClientData,
+    as_client_data,
+    evaluate_global_and_personal,
+    layer_statistics,
+)
+from flwr_analytic.config_checks import ConfigError, RunConfig
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.fedacnnl.config import (
     NODE_CONFIG_KEYS,
@@ -33,138 +50,34 @@ from flwr_analytic.fedacnnl.config import (
 )
 from flwr_analytic.fedacnnl.data import load_partition_from_config
 
-#: ``load_partition(context) -> (train, test)``.
-PartitionLoader = Callable[[Context], tuple[ArrayDataset, ArrayDataset]]
+#: ``load_partition(context) -> (train, test)``: ``ArrayDataset``s or the user's ``DataLoader``s.
+PartitionLoader = Callable[[Context], tuple[ClientData, ClientData]]
+#: The action name of FedACnnL's messages (``train.fedacnnl``, ``evaluate.fedacnnl``).
+ACTION = "fedacnnl"
+#: Run-config keys the client handlers read (the rest of a client's settings come in messages).
+CLIENT_KEYS = ("client-threads", "keep-statistics", *NODE_CONFIG_KEYS)
 
 _STATE_STATS = "fedacnnl-stats-{}"
 _STATE_DIGEST = "fedacnnl-digest-{}"
-_CACHE: dict[tuple[Any, ...], tuple[ArrayDataset, ArrayDataset]] = {}
+_CACHE: dict[tuple[Any, ...], tuple[ClientData, ClientData]] = {}
 _CACHE_SIZE = 64
 
 
-# ------------------------------------------------------------------------------ pure functions
-def _check_data(net: AnalyticNetwork, data: ArrayDataset) -> None:
-    if tuple(data.input_shape) != tuple(net.arch.input_shape):
-        raise ValueError(
-            f"data samples have shape {data.input_shape}, the model expects {net.arch.input_shape}"
-        )
-    if len(data) and int(data.y.max()) >= net.arch.num_classes:
-        raise ValueError(f"labels exceed the model's {net.arch.num_classes} classes")
-
-
-def layer_statistics(
-    config: Mapping[str, Any], arrays: Mapping[str, np.ndarray], train: ArrayDataset
-) -> tuple[AnalyticNetwork, LayerStatistics]:
-    """Client half of one FedACnnL round: ``(G_k, B_k, n_k)`` of ``config["layer"]``.
-
-    Parameters
-    ----------
-    config : mapping
-        The strategy's train config (see :mod:`flwr_analytic.fedacnnl.protocol`).
-    arrays : mapping of str to numpy.ndarray
-        The global layers ``< layer`` as ``state_dict`` arrays.
-    train : ArrayDataset
-        The client's training data.
-
-    Returns
-    -------
-    (AnalyticNetwork, LayerStatistics)
-        The client's network (layers ``< layer`` installed) and the layer's statistics.
-
-    """
-    net = P.network_from_config(config)
-    layer = int(config[P.LAYER])
-    if not 0 <= layer < net.num_layers:
-        raise ValueError(f"layer {layer} out of range 0..{net.num_layers - 1}")
-    _check_data(net, train)
-    P.install_layers(net, arrays, upto=layer)
-    stats = net.statistics(layer, train.x, train.y, int(config[P.BATCH_SIZE]))
-    return net, stats
-
-
-def evaluate_global_and_personal(
-    config: Mapping[str, Any],
-    arrays: Mapping[str, np.ndarray],
-    train: ArrayDataset,
-    test: ArrayDataset,
-    kept: Mapping[int, tuple[str, LayerStatistics]] | None = None,
-    group_arrays: Mapping[str, np.ndarray] | None = None,
-) -> tuple[dict[str, float], dict[int, tuple[str, LayerStatistics]]]:
-    """Accuracy and loss of the global model and of the client's pFedACnnL model on ``test``.
-
-    The personalized layers use the statistics the client kept from training when they were
-    computed with the same global layers below (matching fingerprint); otherwise (e.g. the client
-    was not sampled in that round) they are recomputed from ``train``. With ``group_arrays`` (the
-    output layer of the client's group, group-wise runs) the group model and its personalization
-    are scored too (``group-*``, ``group-personal-*``).
-
-    Returns
-    -------
-    (metrics, statistics)
-        ``global-*`` / ``personal-*`` accuracy, loss and correct counts, ``num-examples`` (test
-        size), ``stats-reused``; and the statistics used per layer (to keep).
-
-    """
-    net = P.network_from_config(config)
-    _check_data(net, test)
-    if P.install_layers(net, arrays) != net.num_layers:
-        raise KeyError("the evaluation message does not carry every layer of the model")
-    reg = P.personal_regularization(config)
-    which = str(config[P.PERSONALIZE_LAYERS])
-    per_layer: list[LayerStatistics | None] = [None] * net.num_layers
-    used: dict[int, tuple[str, LayerStatistics]] = {}
-    reused = 0
-    for layer in P.personalized_layers(net, which):
-        digest = P.weights_digest(net, layer)
-        if kept and layer in kept and kept[layer][0] == digest:
-            stats = kept[layer][1]
-            reused += 1
-        else:
-            stats = net.statistics(layer, train.x, train.y, int(config[P.BATCH_SIZE]))
-        per_layer[layer] = stats
-        used[layer] = (digest, stats)
-    metrics: dict[str, float] = {P.NUM_EXAMPLES: len(test), "train-examples": len(train)}
-    if len(test) == 0:
-        prefixes = ["global", "personal"] + (["group", "group-personal"] if group_arrays else [])
-        for prefix in prefixes:
-            metrics.update(
-                {f"{prefix}-accuracy": 0.0, f"{prefix}-loss": 0.0, f"{prefix}-correct": 0}
-            )
-    else:
-        models = [
-            ("global", net),
-            ("personal", net.with_weights(personalize(net, per_layer, reg, which))),
-        ]
-        if group_arrays:
-            group = net.with_weights(net.weights)  # type: ignore[arg-type]
-            last = net.num_layers - 1
-            P.install_layers(group, {**_state_of(net), **dict(group_arrays)}, upto=last + 1)
-            models.append(("group", group))
-            models.append(
-                ("group-personal", group.with_weights(personalize(group, per_layer, reg, which)))
-            )
-        for prefix, model in models:
-            res = model.evaluate(test.x, test.y)
-            metrics[f"{prefix}-accuracy"] = float(res["accuracy"])
-            metrics[f"{prefix}-loss"] = float(res["loss"])
-            metrics[f"{prefix}-correct"] = int(res["correct"])
-    metrics["stats-reused"] = reused
-    return metrics, used
-
-
-def _state_of(net: AnalyticNetwork) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in P.weights_state_dict(net).items()}
-
-
 # ------------------------------------------------------------------------------ the app boundary
-def resolved_context(context: Context, overrides: Mapping[str, Any] | None = None) -> Context:
+def resolved_context(
+    context: Context, overrides: Mapping[str, Any] | None = None, own_keys_only: bool = False
+) -> Context:
     """``context`` with its run config resolved once into a :class:`RunConfig` (the app boundary).
 
     The run config is the node's, overridden by ``overrides`` (the app factory's ``run_config``),
-    overridden by the ``dp-*`` keys of the node config (:data:`NODE_CONFIG_KEYS`: a SuperNode can
-    enforce noise whatever the server asks). Everything below the handlers reads this
+    overridden by the node config's keys in :data:`NODE_CONFIG_KEYS` (a SuperNode's own
+    ``data-path``, threads, and noise it enforces whatever the server asks); any other run-config
+    key in a node config is refused. Everything below the handlers reads this
     :class:`RunConfig` and never resolves again. A context that is already resolved comes back as
-    it is; otherwise the copy shares ``state``, so what the handlers keep there persists.
+    it is; otherwise the copy shares ``state``, so what the handlers keep there persists. With
+    ``own_keys_only`` (handlers added to a user's project, whose run config holds its own keys such
+    as ``lr``, ``dataset`` or ``seed``) only the keys a client reads (:data:`CLIENT_KEYS`) are taken;
+    everything else comes with the server's messages.
 
     Raises
     ------
@@ -173,8 +86,18 @@ def resolved_context(context: Context, overrides: Mapping[str, Any] | None = Non
         :func:`~flwr_analytic.fedacnnl.resolve_run_config`).
 
     """
+    refused = sorted(
+        k for k in context.node_config if k in RUN_CONFIG.keys and k not in NODE_CONFIG_KEYS
+    )
+    if refused:
+        raise ConfigError(
+            f"node config: {refused} set run-config keys a node cannot override (the server's "
+            f"run config decides them); a node may set {', '.join(NODE_CONFIG_KEYS)}"
+        )
     node = {k: context.node_config[k] for k in NODE_CONFIG_KEYS if k in context.node_config}
     given = context.run_config
+    if own_keys_only and not isinstance(given, RunConfig):
+        given = {k: v for k, v in given.items() if k in CLIENT_KEYS}
     extra = {**dict(overrides or {}), **node}
     if any(
         k not in given or type(given[k]) is not type(v) or given[k] != v for k, v in extra.items()
@@ -199,10 +122,14 @@ def _run_config(context: Context) -> RunConfig:
 
 
 def _partition(
-    context: Context, load_partition: PartitionLoader, cache: bool
-) -> tuple[ArrayDataset, ArrayDataset]:
+    context: Context,
+    load_partition: PartitionLoader,
+    cache: bool,
+    keys: tuple[str | None, str | None] = (None, None),
+) -> tuple[ClientData, ClientData]:
     if not cache:
-        return load_partition(context)
+        train, test = load_partition(context)
+        return as_client_data(train, *keys), as_client_data(test, *keys)
     key = (
         load_partition,  # the object itself: an id() could be reused after collection
         context.run_id,
@@ -212,7 +139,8 @@ def _partition(
     if key not in _CACHE:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = load_partition(context)
+        train, test = load_partition(context)
+        _CACHE[key] = (as_client_data(train, *keys), as_client_data(test, *keys))
     return _CACHE[key]
 
 
@@ -220,6 +148,15 @@ def _set_threads(cfg: RunConfig) -> None:
     threads = int(cfg["client-threads"])
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def _blas_threads(cfg: RunConfig) -> AbstractContextManager[Any]:
+    """``client-threads`` for BLAS too (the Gram products, ``dsyrk``), while a handler works.
+
+    Without it OpenBLAS uses every core in each of the clients a simulation runs side by side.
+    """
+    threads = int(cfg["client-threads"])
+    return threadpool_limits(threads, user_api="blas") if threads > 0 else nullcontext()
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -303,32 +240,67 @@ class FedACnnLHandlers:
         ``load_partition(context) -> (train, test)`` of this node; its context carries the
         resolved run config.
     cache : bool (default: True)
-        Keep loaded partitions in memory between rounds (keyed by run and node config).
+        Keep loaded partitions (or the user's loaders) between rounds (by run and node config).
     overrides : mapping, optional
         Run-config entries that override the node's.
+    model : torch.nn.Module or callable, optional
+        The node's own model when the server trains a user's model (e.g. ``Net``).
+    keys : (str or None, str or None)
+        Image and label keys of dict batches (default: flwr-datasets' names, see
+        :data:`~flwr_analytic.data.batches.IMAGE_KEYS`).
+    own_keys_only : bool (default: False)
+        Read only this app's run-config keys (in a user's project, which has its own).
 
     """
 
     load_partition: PartitionLoader
     cache: bool = True
     overrides: Mapping[str, Any] | None = None
+    model: P.ModelSource | None = None
+    keys: tuple[str | None, str | None] = (None, None)
+    own_keys_only: bool = False
 
     def receive(
         self, msg: Message, context: Context, require_arrays: bool
-    ) -> tuple[Context, RunConfig, ConfigRecord, dict[str, np.ndarray], ArrayDataset, ArrayDataset]:
+    ) -> tuple[Context, RunConfig, ConfigRecord, dict[str, np.ndarray], ClientData, ClientData]:
         """What a handler needs of ``msg``: ``(context, cfg, config, arrays, train, test)``.
 
         The context with its run config resolved, that :class:`RunConfig`, the message's config and
         arrays, and this node's data; torch threads are set (``client-threads``).
         """
-        context = resolved_context(context, self.overrides)
+        context = resolved_context(context, self.overrides, self.own_keys_only)
         cfg = _run_config(context)
         _set_threads(cfg)
         config, arrays = _message_records(msg, require_arrays=require_arrays)
-        train, test = _partition(context, self.load_partition, self.cache)
+        train, test = _partition(context, self.load_partition, self.cache, self.keys)
         return context, cfg, config, _numpy(arrays), train, test
 
     def train(self, msg: Message, context: Context) -> Message:
+        """:meth:`train_reply`, or an error reply naming this node's partition."""
+        return self._guarded(self.train_reply, msg, context)
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        """:meth:`evaluate_reply`, or an error reply naming this node's partition."""
+        return self._guarded(self.evaluate_reply, msg, context)
+
+    @staticmethod
+    def _guarded(
+        handler: Callable[[Message, Context], Message], msg: Message, context: Context
+    ) -> Message:
+        """Run ``handler``; any failure becomes an error reply naming the partition.
+
+        A data loader, a model or bad input that fails gives the reason
+        :func:`~flwr_analytic.fedacnnl.protocol.client_error_reason`, so the server can name the
+        failed partition and not only the node.
+        """
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, with its partition
+            reason = P.client_error_reason(_partition_id(context), exc)
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+            return Message(error, reply_to=msg)
+
+    def train_reply(self, msg: Message, context: Context) -> Message:
         """Reply to a FedACnnL training message with the requested layer's packed statistics.
 
         The reply holds ``ArrayRecord`` ``"statistics"`` (``gram-triu``, ``cross``, ``count``) and
@@ -339,18 +311,20 @@ class FedACnnLHandlers:
         """
         start = time.perf_counter()
         context, cfg, config, arrays, train, _ = self.receive(msg, context, require_arrays=False)
-        net, stats = layer_statistics(config, arrays, train)
-        layer = int(config[P.LAYER])
-        which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
-        if cfg["keep-statistics"] and layer in P.personalized_layers(net, which):
-            keep_layer_statistics(context, layer, P.weights_digest(net, layer), stats)
-        dp = dp_config(cfg)
-        pid = _partition_id(context)
-        stats = release_statistics(net, layer, train, stats, dp, cfg, pid, config)
+        with _blas_threads(cfg):
+            net, stats = layer_statistics(config, arrays, train, self.model)
+            layer = int(config[P.LAYER])
+            which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
+            if cfg["keep-statistics"] and layer in P.personalized_layers(net, which):
+                keep_layer_statistics(context, layer, P.weights_digest(net, layer), stats)
+            dp = dp_config(cfg)
+            pid = _partition_id(context)
+            stats = release_statistics(net, layer, train, stats, dp, cfg, pid, config)
         metrics = MetricRecord(
             {
                 P.NUM_EXAMPLES: int(stats.count),
                 P.PARTITION_ID: pid,
+                P.NUM_PARTITIONS: int(context.node_config.get(P.NUM_PARTITIONS, 0)),
                 P.LAYER: layer,
                 "compute-time": time.perf_counter() - start,
                 **dp_metrics(dp),
@@ -360,15 +334,16 @@ class FedACnnLHandlers:
         content = RecordDict({P.STATISTICS_KEY: packed, P.METRICS_KEY: metrics})
         return Message(content=content, reply_to=msg)
 
-    def evaluate(self, msg: Message, context: Context) -> Message:
+    def evaluate_reply(self, msg: Message, context: Context) -> Message:
         """Reply to an evaluation message with global and pFedACnnL metrics on the local test set."""
         start = time.perf_counter()
         context, cfg, config, arrays, train, test = self.receive(msg, context, require_arrays=True)
         group = msg.content.array_records.get(P.GROUP_ARRAYS_KEY)
         kept = kept_layer_statistics(context)
-        metrics, used = evaluate_global_and_personal(
-            config, arrays, train, test, kept, _numpy(group) if group else None
-        )
+        with _blas_threads(cfg):
+            metrics, used = evaluate_global_and_personal(
+                config, arrays, train, test, kept, _numpy(group) if group else None, self.model
+            )
         if cfg["keep-statistics"]:
             for layer, (digest, stats) in used.items():
                 keep_layer_statistics(context, layer, digest, stats)
@@ -380,6 +355,7 @@ class FedACnnLHandlers:
 def make_fedacnnl_client_app(
     load_partition: PartitionLoader | None = None,
     *,
+    model: P.ModelSource | None = None,
     cache: bool = True,
     run_config: Mapping[str, Any] | None = None,
 ) -> ClientApp:
@@ -388,10 +364,11 @@ def make_fedacnnl_client_app(
     Parameters
     ----------
     load_partition : callable, optional
-        ``load_partition(context) -> (train, test)`` :class:`~flwr_analytic.data.ArrayDataset`
-        of this node (your own data loader); its context carries the resolved run config.
-        Defaults to :func:`~flwr_analytic.fedacnnl.load_partition_from_config` (run config + node
-        config).
+        ``load_partition(context) -> (train, test)`` of this node: ``ArrayDataset``s or your own
+        ``DataLoader``s (its context carries the resolved run config). Defaults to
+        :func:`~flwr_analytic.fedacnnl.load_partition_from_config` (run config + node config).
+    model : torch.nn.Module or callable, optional
+        Your model, when the server trains it (``FedACnnL(Net(), input_shape=...)``).
     cache : bool (default: True)
         Keep loaded partitions in memory between rounds (keyed by run and node config).
     run_config : mapping, optional
@@ -402,20 +379,22 @@ def make_fedacnnl_client_app(
     Returns
     -------
     ClientApp
-        With the ``@app.train()`` (layer statistics) and ``@app.evaluate()`` (global and
-        personalized accuracy/loss) handlers of :class:`FedACnnLHandlers`; each resolves the run
-        config once per message.
+        With the train (layer statistics) and evaluate (global and personalized accuracy/loss)
+        handlers of :class:`FedACnnLHandlers`, for the default action and :data:`ACTION`; each
+        resolves the run config once per message.
 
     """
     loader = load_partition or load_partition_from_config
-    handlers = FedACnnLHandlers(loader, cache, RUN_CONFIG.check_overrides(run_config))
+    handlers = FedACnnLHandlers(loader, cache, RUN_CONFIG.check_overrides(run_config), model)
     app = ClientApp()
-    app.train()(handlers.train)
-    app.evaluate()(handlers.evaluate)
+    for action in ("default", ACTION):
+        app.train(action)(handlers.train)
+        app.evaluate(action)(handlers.evaluate)
     return app
 
 
 __all__ = [
+    "ACTION",
     "FedACnnLHandlers",
     "PartitionLoader",
     "evaluate_global_and_personal",

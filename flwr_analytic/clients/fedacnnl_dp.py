@@ -31,7 +31,7 @@ from flwr_analytic.fedacnnl import protocol as P
 def release_statistics(
     net: AnalyticNetwork,
     layer: int,
-    train: ArrayDataset,
+    train: ArrayDataset | Any,
     stats: LayerStatistics,
     dp: DPConfig,
     run_config: Mapping[str, Any],
@@ -45,8 +45,7 @@ def release_statistics(
     return private_statistics(
         net,
         layer,
-        train.x,
-        train.y,
+        *((train.x, train.y) if isinstance(train, ArrayDataset) else (train, None)),
         dp,
         seed=None if seed < 0 else seed,
         partition_id=partition_id,

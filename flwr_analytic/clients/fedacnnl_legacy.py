@@ -5,7 +5,9 @@ A thin adapter over the same client functions as the Message-API app
 :class:`flwr_analytic.strategies.fedacnnl_legacy.FedACnnLLegacy`. Parameters are lists of numpy
 arrays: the server sends the ``state_dict`` tensors of the solved layers in order
 (``[weight_0, bias_0, weight_1, bias_1, ...]``); ``fit`` returns the packed statistics
-``[gram-triu, cross, count]`` of the requested layer.
+``[gram-triu, cross, count]`` of the requested layer. A layer without bias sends a zero bias, so
+the list is always pairs. The same model and data support as the Message-API app: your own
+``torch.nn.Module`` (``model=Net``) and ``DataLoader``s (or ``ArrayDataset``s).
 """
 
 from __future__ import annotations
@@ -18,40 +20,17 @@ from flwr.client import NumPyClient
 
 from flwr_analytic.analytic import LayerStatistics
 from flwr_analytic.analytic.statistics import COUNT_KEY, CROSS_KEY, GRAM_KEY
-from flwr_analytic.clients.fedacnnl_client import (
+from flwr_analytic.clients.fedacnnl_client import keep_layer_statistics, kept_layer_statistics
+from flwr_analytic.clients.fedacnnl_local import (
+    ClientData,
+    as_client_data,
     evaluate_global_and_personal,
-    keep_layer_statistics,
-    kept_layer_statistics,
     layer_statistics,
 )
-from flwr_analytic.data import ArrayDataset
 from flwr_analytic.fedacnnl import protocol as P
 
 #: Order of the packed statistics in a legacy ``fit`` result.
 PACKED_ORDER = (GRAM_KEY, CROSS_KEY, COUNT_KEY)
-
-
-def arrays_to_state(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """``[w_0, b_0, w_1, b_1, ...]`` to ``state_dict`` keys."""
-    if len(arrays) % 2:
-        raise ValueError(f"expected weight/bias pairs, got {len(arrays)} arrays")
-    out = {}
-    for layer in range(len(arrays) // 2):
-        kw, kb = P.layer_keys(layer)
-        out[kw], out[kb] = arrays[2 * layer], arrays[2 * layer + 1]
-    return out
-
-
-def state_to_arrays(state: dict[str, Any]) -> list[np.ndarray]:
-    """Inverse of :func:`arrays_to_state` (consecutive layers from 0)."""
-    out = []
-    layer = 0
-    while P.layer_keys(layer)[0] in state:
-        for key in P.layer_keys(layer):
-            value = state[key]
-            out.append(np.asarray(value.numpy() if hasattr(value, "numpy") else value))
-        layer += 1
-    return out
 
 
 def pack_to_list(stats: LayerStatistics) -> list[np.ndarray]:
@@ -72,25 +51,30 @@ class FedACnnLNumPyClient(NumPyClient):
 
     Parameters
     ----------
-    train, test : ArrayDataset
-        This client's data.
+    train, test : ArrayDataset, LoaderData or DataLoader
+        This client's data (a ``DataLoader`` of dict batches with flwr-datasets' keys, or of
+        ``(x, y)`` tuples; wrap it in ``LoaderData`` to name other keys).
     partition_id : int (default: -1)
         Reported with every result; the strategy sums statistics in this order (-1: unknown).
     context : Context, optional
         The node's context (``client_fn(context)``); its ``state`` keeps the statistics of the
         personalized layers between rounds. Without it they are recomputed at evaluation.
+    model : torch.nn.Module or callable, optional
+        Your model, when the server trains it (``FedACnnLLegacy(Net(), input_shape=...)``).
 
     """
 
     def __init__(
         self,
-        train: ArrayDataset,
-        test: ArrayDataset,
+        train: ClientData,
+        test: ClientData,
         partition_id: int = -1,
         context: Context | None = None,
+        model: P.ModelSource | None = None,
     ) -> None:
-        self.train = train
-        self.test = test
+        self.train = as_client_data(train)
+        self.test = as_client_data(test)
+        self.model = model
         self.partition_id = int(partition_id)
         self.node_context = context
 
@@ -105,7 +89,7 @@ class FedACnnLNumPyClient(NumPyClient):
 
         The statistics of a personalized layer are also kept in the node's context.
         """
-        net, stats = layer_statistics(config, arrays_to_state(parameters), self.train)
+        net, stats = layer_statistics(config, parameters, self.train, self.model)
         layer = int(config[P.LAYER])
         which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
         if self.node_context is not None and layer in P.personalized_layers(net, which):
@@ -126,7 +110,7 @@ class FedACnnLNumPyClient(NumPyClient):
         """Return the pFedACnnL loss, the test size and global/personalized accuracy and loss."""
         kept = kept_layer_statistics(self.node_context) if self.node_context is not None else None
         metrics, _ = evaluate_global_and_personal(
-            config, arrays_to_state(parameters), self.train, self.test, kept
+            config, parameters, self.train, self.test, kept, model=self.model
         )
         metrics[P.PARTITION_ID] = self.partition_id
         return float(metrics["personal-loss"]), int(metrics[P.NUM_EXAMPLES]), metrics

@@ -1,5 +1,6 @@
 """Data loaders and federated partitioning (no Flower imports)."""
 
+from flwr_analytic.data.batches import IMAGE_KEYS, LABEL_KEYS, LoaderData, iter_batches
 from flwr_analytic.data.dataset import ArrayDataset
 from flwr_analytic.data.loaders import (
     DATASETS,
@@ -22,7 +23,11 @@ from flwr_analytic.data.partition import (
 )
 
 __all__ = [
+    "IMAGE_KEYS",
+    "LABEL_KEYS",
     "ArrayDataset",
+    "LoaderData",
+    "iter_batches",
     "DATASETS",
     "DatasetNotFoundError",
     "FederatedSplit",

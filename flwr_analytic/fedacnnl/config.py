@@ -102,6 +102,12 @@ RUN_CONFIG = ConfigTable(
         Param("fraction-evaluate", 1.0, Interval(float, 0, 1), "share of nodes evaluated"),
         Param("min-nodes", 2, _INT1, "nodes needed to start a round"),
         Param("round-timeout", 3600.0, _POS, "seconds to wait for the replies of a round"),
+        Param(
+            "availability-timeout",
+            600.0,
+            _NONNEG,
+            "seconds a round waits for min-nodes; then it goes on with those connected",
+        ),
         Param("num-groups", 0, _INT0, "group-wise output layers by label distribution (0 = off)"),
         Param("centralized-eval", False, Boolean(), "server scores the pooled client test sets"),
         # client
@@ -137,9 +143,14 @@ RUN_CONFIG = ConfigTable(
 #: Defaults of every key (derived from :data:`RUN_CONFIG`; ``flwr run --run-config`` overrides).
 DEFAULT_RUN_CONFIG: dict[str, Any] = RUN_CONFIG.defaults
 
-#: Run-config keys that a SuperNode's own node config overrides (so a node can enforce noise,
-#: whatever the server asks).
-NODE_CONFIG_KEYS: tuple[str, ...] = tuple(k for k in RUN_CONFIG.keys if k.startswith("dp-"))
+#: Run-config keys that a SuperNode's own node config overrides: its data (``data-path``), its
+#: threads, and noise it enforces whatever the server asks (``dp-*``). Any other run-config key in a
+#: node config is refused (never silently ignored).
+NODE_CONFIG_KEYS: tuple[str, ...] = (
+    "data-path",
+    "client-threads",
+    *(k for k in RUN_CONFIG.keys if k.startswith("dp-")),
+)
 
 
 def resolve_run_config(run_config: Mapping[str, Any] | None = None) -> RunConfig:

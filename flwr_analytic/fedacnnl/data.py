@@ -8,7 +8,9 @@ server's model (:func:`architecture_for`). The run config's keys are
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr_analytic.config_checks import ConfigError, RunConfig, check_number, int_list
@@ -112,8 +114,55 @@ def load_partition_from_config(context: Context) -> tuple[ArrayDataset, ArrayDat
     return split.client(data, int(node["partition-id"]))
 
 
+#: Run-config keys that decide which samples each partition holds; with the identity of
+#: ``data-path`` they are part of a checkpoint's fingerprint (the strategy adds model and solver keys).
+DATA_KEYS = (
+    "dataset",
+    "data-split",
+    "partitioner",
+    "dirichlet-alpha",
+    "classes-per-partition",
+    "min-partition-size",
+    "test-fraction",
+    "seed",
+)
+
+
+def path_identity(path: str, chunk: int = 1 << 20) -> str:
+    """A digest of what ``path`` holds: names, sizes and the first and last MiB of every file.
+
+    ``""`` for no path (the data set is searched or embedded). Cheap on large files, and it
+    changes when the file at the path is replaced by other data.
+    """
+    if not path:
+        return ""
+    root = Path(path).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    h = hashlib.sha256()
+    for file in files:
+        if not file.exists():
+            h.update(f"{file.name}:missing".encode())
+            continue
+        size = file.stat().st_size
+        h.update(f"{file.relative_to(root) if root.is_dir() else file.name}:{size}".encode())
+        with file.open("rb") as f:
+            h.update(f.read(chunk))
+            if size > chunk:
+                f.seek(max(chunk, size - chunk))
+                h.update(f.read(chunk))
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The data keys of a run config (:data:`DATA_KEYS`) and the identity of ``data-path``."""
+    cfg = resolve_run_config(cfg)
+    return {**{k: cfg[k] for k in DATA_KEYS}, "data-path": path_identity(str(cfg["data-path"]))}
+
+
 __all__ = [
+    "DATA_KEYS",
     "architecture_for",
+    "data_fingerprint",
     "load_cached_dataset",
     "load_partition_from_config",
     "split_from_config",

@@ -9,22 +9,36 @@ statistics ``(G, B, n)`` of layer ``l`` (:meth:`~flwr_analytic.analytic.LayerSta
 
 Weights travel as float64 ``state_dict`` tensors built from the solved design-space matrices, so the
 client's forward pass uses exactly the server's solution (the exactness of FedACnnL relies on it).
+For a user's own model (:func:`~flwr_analytic.models.trace_model`) the keys are the user's parameter
+names, so the arrays load into the user's class; the architecture entry then describes the traced
+layers, and each client traces its own copy of the model and checks that it is the same.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from flwr_analytic.analytic import AnalyticNetwork, Regularization, TargetScheme
-from flwr_analytic.analytic.design import conv_to_weight, weight_to_conv
-from flwr_analytic.models import Architecture, ConvSpec, DenseSpec
+from flwr_analytic.analytic.network import design_to_params, params_to_design
+from flwr_analytic.models import (
+    Architecture,
+    ConvSpec,
+    DenseSpec,
+    TracedArchitecture,
+    UnsupportedModelError,
+    trace_model,
+)
+
+#: A user's model: an ``nn.Module`` instance or a function/class returning one (e.g. ``Net``).
+ModelSource = nn.Module | Callable[[], nn.Module]
 
 #: ``ConfigRecord`` keys sent by the strategy.
 LAYER = "layer"
@@ -41,6 +55,7 @@ SERVER_ROUND = "server-round"
 #: ``MetricRecord`` keys of client replies.
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
 
 #: Default record keys.
 ARRAYS_KEY = "arrays"
@@ -51,9 +66,29 @@ METRICS_KEY = "metrics"
 GROUP_ARRAYS_KEY = "group-arrays"
 
 
+# ------------------------------------------------------------------------------- client errors
+#: Prefix of a client error's reason: ``"partition-id=3: ValueError: ..."`` names the partition.
+_ERROR_PREFIX = "partition-id="
+
+
+def client_error_reason(partition_id: int, exc: BaseException) -> str:
+    """The reason of a client's error reply, naming its partition (``partition-id=<k>: ...``)."""
+    return f"{_ERROR_PREFIX}{int(partition_id)}: {type(exc).__name__}: {exc}"
+
+
+def error_partition(reason: str) -> int | None:
+    """The partition named by :func:`client_error_reason` (``None``: not named, or unknown)."""
+    if not reason.startswith(_ERROR_PREFIX):
+        return None
+    head = reason[len(_ERROR_PREFIX) :].split(":", 1)[0]
+    return int(head) if head.lstrip("-").isdigit() and int(head) >= 0 else None
+
+
 # --------------------------------------------------------------------------------- architecture
-def architecture_to_json(arch: Architecture) -> str:
-    """Serialize an :class:`~flwr_analytic.models.Architecture` (every layer spec) to JSON."""
+def architecture_to_json(arch: Architecture | TracedArchitecture) -> str:
+    """Serialize an architecture (every layer spec, or a traced model's description) to JSON."""
+    if isinstance(arch, TracedArchitecture):
+        return json.dumps({"traced": arch.describe()}, sort_keys=True)
     hidden = [
         {"type": "conv" if isinstance(s, ConvSpec) else "dense", **asdict(s)} for s in arch.hidden
     ]
@@ -68,9 +103,20 @@ def architecture_to_json(arch: Architecture) -> str:
     )
 
 
-def architecture_from_json(text: str) -> Architecture:
-    """Inverse of :func:`architecture_to_json`."""
+def architecture_from_json(
+    text: str, model: ModelSource | None = None
+) -> Architecture | TracedArchitecture:
+    """Inverse of :func:`architecture_to_json`; a traced model is rebuilt from ``model``.
+
+    Raises
+    ------
+    UnsupportedModelError
+        When the server trains a user's model and ``model`` is missing or traces differently.
+
+    """
     spec = json.loads(text)
+    if "traced" in spec:
+        return _traced_from(spec["traced"], model)
     hidden: list[ConvSpec | DenseSpec] = []
     for layer in spec["hidden"]:
         kind = layer.pop("type")
@@ -78,6 +124,24 @@ def architecture_from_json(text: str) -> Architecture:
     return Architecture(
         spec["name"], tuple(spec["input-shape"]), tuple(hidden), int(spec["num-classes"])
     )
+
+
+def _traced_from(described: dict[str, Any], model: ModelSource | None) -> TracedArchitecture:
+    name = described["name"]
+    if model is None:
+        raise UnsupportedModelError(
+            f"the server trains your model {name!r}: give the client app the same model "
+            "(make_fedacnnl_client_app(..., model=...))"
+        )
+    module = model if isinstance(model, nn.Module) else model()
+    arch = trace_model(module, tuple(described["input-shape"]))
+    mine = json.loads(json.dumps(arch.describe()))
+    if mine != described:
+        diff = sorted(k for k in described if mine.get(k) != described[k])
+        raise UnsupportedModelError(
+            f"this node's model ({arch.name}) differs from the server's ({name}) in {diff}"
+        )
+    return arch
 
 
 def schemes_to_json(net: AnalyticNetwork) -> str:
@@ -101,9 +165,15 @@ def network_config(net: AnalyticNetwork, batch_size: int) -> dict[str, Any]:
     }
 
 
-def network_from_config(config: Mapping[str, Any]) -> AnalyticNetwork:
-    """The client's :class:`AnalyticNetwork` (no layer solved yet) from a strategy's config."""
-    arch = architecture_from_json(str(config[ARCHITECTURE]))
+def network_from_config(
+    config: Mapping[str, Any], model: ModelSource | None = None
+) -> AnalyticNetwork:
+    """The client's :class:`AnalyticNetwork` (no layer solved yet) from a strategy's config.
+
+    ``model`` is the node's own model when the server trains a user's model (traced here and
+    checked against the server's description).
+    """
+    arch = architecture_from_json(str(config[ARCHITECTURE]), model)
     schemes: Sequence[TargetScheme] = schemes_from_json(str(config[SCHEME]))
     return AnalyticNetwork(
         arch,
@@ -119,17 +189,18 @@ def personal_regularization(config: Mapping[str, Any]) -> Regularization:
 
 
 # -------------------------------------------------------------------------------------- weights
-def layer_keys(layer: int) -> tuple[str, str]:
-    """``state_dict`` keys of ``layer``'s weight and bias."""
-    return f"blocks.{layer}.op.weight", f"blocks.{layer}.op.bias"
+def layer_keys(net: AnalyticNetwork, layer: int) -> tuple[str, ...]:
+    """``state_dict`` keys of ``layer``'s weight and (when it has one) bias."""
+    kw, kb = net.arch.param_keys(layer)
+    return (kw,) if kb is None else (kw, kb)
 
 
 def weights_state_dict(net: AnalyticNetwork, upto: int | None = None) -> dict[str, torch.Tensor]:
     """float64 ``state_dict`` entries of the solved layers ``< upto`` (all solved layers by default).
 
     Built from the design-space matrices ``W_l`` (not from the module, which may be float32), so
-    the values are the server's exact solution; loads into ``build_module(arch)`` (``strict=True``
-    once every layer is solved).
+    the values are the server's exact solution; loads into ``arch.build_module()`` or, for a traced
+    model, the user's class (``strict=True`` once every layer is solved).
     """
     upto = net.solved_layers if upto is None else upto
     if upto > net.solved_layers:
@@ -137,40 +208,69 @@ def weights_state_dict(net: AnalyticNetwork, upto: int | None = None) -> dict[st
     out: dict[str, torch.Tensor] = {}
     for layer in range(upto):
         w = np.asarray(net.weights[layer], dtype=np.float64)
-        spec = net.arch.spec(layer)
-        if isinstance(spec, ConvSpec):
-            weight, bias = weight_to_conv(w, net.arch.input_shape_of(layer)[0], spec.kernel_size)
-        else:
-            weight, bias = w[:-1].T, w[-1]
-        kw, kb = layer_keys(layer)
-        out[kw] = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float64))
-        out[kb] = torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float64))
+        params = design_to_params(w, net.arch.conv_geometry(layer))
+        for key, value in zip(layer_keys(net, layer), params, strict=False):
+            out[key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64))
     return out
 
 
-def install_layers(
-    net: AnalyticNetwork, arrays: Mapping[str, np.ndarray], upto: int | None = None
-) -> int:
-    """Install the layers ``< upto`` found in ``arrays`` (``state_dict`` numpy arrays) into ``net``.
+def output_layer_state(net: AnalyticNetwork, w: np.ndarray) -> dict[str, torch.Tensor]:
+    """float64 ``state_dict`` entries of the output layer with weights ``w`` (e.g. a group's)."""
+    params = design_to_params(np.asarray(w, dtype=np.float64), None)
+    keys = layer_keys(net, net.num_layers - 1)
+    return {
+        k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in zip(keys, params, strict=False)
+    }
 
-    With ``upto=None`` every consecutive layer present is installed. Returns the number installed.
+
+def install_layers(
+    net: AnalyticNetwork,
+    arrays: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+    upto: int | None = None,
+) -> int:
+    """Install the layers ``< upto`` found in ``arrays`` into ``net``.
+
+    ``arrays`` holds ``state_dict`` numpy arrays by key, or (legacy API) the list
+    ``[weight_0, bias_0, weight_1, bias_1, ...]`` (a layer without bias sends zeros). With
+    ``upto=None`` every consecutive layer present is installed. Returns the number installed.
     Raises ``KeyError`` when a requested layer is missing.
     """
+    if not isinstance(arrays, Mapping):
+        arrays = _pairs_to_state(net, list(arrays))
     count = 0
     while count < net.num_layers and (upto is None or count < upto):
-        kw, kb = layer_keys(count)
-        if kw not in arrays or kb not in arrays:
+        keys = layer_keys(net, count)
+        if any(k not in arrays for k in keys):
             if upto is None:
                 break
-            raise KeyError(f"the global model lacks layer {count} ({kw!r}); needed below {upto}")
-        weight = np.asarray(arrays[kw], dtype=np.float64)
-        bias = np.asarray(arrays[kb], dtype=np.float64)
-        if isinstance(net.arch.spec(count), ConvSpec):
-            net.set_layer(count, conv_to_weight(weight, bias))
-        else:
-            net.set_layer(count, np.vstack([weight.T, bias[None, :]]))
+            raise KeyError(
+                f"the global model lacks layer {count + 1}/{net.num_layers} ({keys[0]!r}); "
+                f"needed below layer {upto + 1}"
+            )
+        values = [np.asarray(arrays[k], dtype=np.float64) for k in keys]
+        net.set_layer(count, params_to_design(values[0], values[1] if len(values) > 1 else None))
         count += 1
     return count
+
+
+def weights_list(net: AnalyticNetwork) -> list[np.ndarray]:
+    """The solved layers as the legacy list ``[weight_0, bias_0, ...]`` (zeros for no bias)."""
+    out: list[np.ndarray] = []
+    for layer in range(net.solved_layers):
+        weight, bias = design_to_params(net.weights[layer], net.arch.conv_geometry(layer))
+        out += [np.ascontiguousarray(weight), np.ascontiguousarray(bias)]
+    return out
+
+
+def _pairs_to_state(net: AnalyticNetwork, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    if len(arrays) % 2:
+        raise ValueError(f"expected weight/bias pairs, got {len(arrays)} arrays")
+    out = {}
+    for layer in range(min(len(arrays) // 2, net.num_layers)):
+        keys = layer_keys(net, layer)
+        for key, value in zip(keys, arrays[2 * layer : 2 * layer + 2], strict=False):
+            out[key] = value
+    return out
 
 
 def weights_digest(net: AnalyticNetwork, upto: int) -> str:

@@ -1,9 +1,10 @@
-"""Model architectures as layer specs, and their plain torch modules (no Flower imports)."""
+"""Model architectures as layer specs or traced user modules, and their torch modules (no Flower)."""
 
 from flwr_analytic.models.architectures import (
     ACTIVATIONS,
     ARCHITECTURES,
     Architecture,
+    ConvGeometry,
     ConvSpec,
     DenseSpec,
     LayerSpec,
@@ -15,19 +16,27 @@ from flwr_analytic.models.architectures import (
     linear,
     mlp,
 )
+from flwr_analytic.models.traced import TracedArchitecture, TracedLayer, UnsupportedModelError
+from flwr_analytic.models.tracing import as_architecture, trace_model
 
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
     "Architecture",
+    "ConvGeometry",
     "ConvSpec",
     "DenseSpec",
     "LayerSpec",
     "SpecNet",
+    "TracedArchitecture",
+    "TracedLayer",
+    "UnsupportedModelError",
+    "as_architecture",
     "build_module",
     "cnn",
     "get_architecture",
     "lenet5",
     "linear",
     "mlp",
+    "trace_model",
 ]

@@ -8,7 +8,7 @@ backprop can train the identical network for reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -37,6 +37,52 @@ class DenseSpec:
 
 
 LayerSpec = ConvSpec | DenseSpec
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Where a ``Conv2d`` reads its input: the im2col geometry of its design rows.
+
+    A design row is the ``C_in × kh × kw`` patch under one output position (flattened like
+    ``Conv2d.weight``), so ``D = C_in·kh·kw + 1``. Output size per axis:
+    ``⌊(H + 2p − d(k − 1) − 1)/s⌋ + 1``.
+    """
+
+    in_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    @classmethod
+    def of(
+        cls,
+        in_channels: int,
+        kernel: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+    ) -> ConvGeometry:
+        """Build from ``Conv2d``-style ints or pairs."""
+        return cls(in_channels, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation))
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """Output positions ``(H_out, W_out)`` on an ``h × w`` input."""
+        out = []
+        for size, k, s, p, d in zip(
+            (h, w), self.kernel, self.stride, self.padding, self.dilation, strict=True
+        ):
+            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return out[0], out[1]
+
+    @property
+    def patch_size(self) -> int:
+        """``C_in·kh·kw``."""
+        return self.in_channels * self.kernel[0] * self.kernel[1]
 
 
 @dataclass(frozen=True)
@@ -119,6 +165,39 @@ class Architecture:
         spec = self.spec(layer)
         return spec.out_channels if isinstance(spec, ConvSpec) else spec.out_features
 
+    # The interface the analytic network reads (shared with a traced user model).
+    def conv_geometry(self, layer: int) -> ConvGeometry | None:
+        """im2col geometry of a conv ``layer`` (stride 1); ``None`` for a dense layer."""
+        spec = self.spec(layer)
+        if not isinstance(spec, ConvSpec):
+            return None
+        return ConvGeometry.of(self.shapes[layer][0], spec.kernel_size, 1, spec.padding)
+
+    def activation(self, layer: int) -> str:
+        """Activation after ``layer`` (one of :data:`ACTIVATIONS`)."""
+        return self.spec(layer).activation
+
+    def has_bias(self, layer: int) -> bool:
+        """Whether ``layer`` has a bias (always, for a spec architecture)."""
+        return True
+
+    def param_keys(self, layer: int) -> tuple[str, str | None]:
+        """``state_dict`` keys of ``layer``'s weight and bias in :class:`SpecNet`."""
+        return f"blocks.{layer}.op.weight", f"blocks.{layer}.op.bias"
+
+    def build_module(self) -> SpecNet:
+        """A fresh :class:`SpecNet` (``forward(x, upto)``, ``layer_op(l)``)."""
+        return SpecNet(self)
+
+    def describe(self) -> dict:
+        """JSON-able description (fingerprints compare it)."""
+        return {
+            "name": self.name,
+            "input-shape": list(self.input_shape),
+            "num-classes": self.num_classes,
+            "hidden": [{"type": type(s).__name__, **asdict(s)} for s in self.hidden],
+        }
+
 
 def activation_module(name: str) -> nn.Module:
     """The ``torch.nn`` module of an activation name."""
@@ -171,6 +250,10 @@ class SpecNet(nn.Module):
                 op = nn.Linear(arch.design_dim(layer) - 1, spec.out_features)
                 blocks.append(LayerBlock(op, spec.activation, None, flatten=len(shape) > 1))
         self.blocks = nn.ModuleList(blocks)
+
+    def layer_op(self, layer: int) -> nn.Module:
+        """The ``Conv2d`` / ``Linear`` of ``layer``."""
+        return self.blocks[layer].op
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """Logits, or the input of layer ``upto`` when given."""

@@ -17,17 +17,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
+from torch import nn
 
 from flwr_analytic.analytic import StatisticsError, TargetScheme
 from flwr_analytic.analytic.privacy.release import ReleasePolicy
 from flwr_analytic.analytic.server import ANALYTIC_DEFAULTS, AnalyticOptions, LayerwiseServer
 from flwr_analytic.fedacnnl import protocol as P
-from flwr_analytic.models import Architecture
+from flwr_analytic.models import Architecture, TracedArchitecture, as_architecture
 from flwr_analytic.report import short_list
+from flwr_analytic.strategies.availability import sample_available
 from flwr_analytic.strategies.evaluation import aggregate_personalized_evaluation
 from flwr_analytic.strategies.fedacnnl_checks import check_fedacnnl_arguments
 from flwr_analytic.strategies.fedacnnl_replies import (
-    check_reply,
+    accept_reply,
+    error_reply,
+    evaluation_replies,
     failure_message,
     name_absent,
     round_metrics,
@@ -35,7 +39,7 @@ from flwr_analytic.strategies.fedacnnl_replies import (
 from flwr_analytic.strategies.layerwise_loop import run_layerwise
 from flwr_analytic.strategies.records import RoundLog, RoundRecord
 from flwr_analytic.strategies.streaming import ReplyStream
-from flwr_analytic.strategies.utils import retry_sample, sample_sorted
+from flwr_analytic.strategies.utils import retry_sample
 
 
 class FedACnnL(Strategy):
@@ -57,8 +61,11 @@ class FedACnnL(Strategy):
 
     Parameters
     ----------
-    architecture : Architecture
-        The network; the final ``ArrayRecord`` loads into ``build_module(architecture)``.
+    architecture : torch.nn.Module, Architecture or TracedArchitecture
+        Your model (e.g. the quickstart's ``Net()``, traced by ``models.trace_model``; the result
+        keeps your parameter names) or a built-in one (loads into ``architecture.build_module()``).
+    input_shape : tuple of int, optional
+        Shape of one sample, e.g. ``(3, 32, 32)``; required with a ``torch.nn.Module``.
     scheme : str, TargetScheme or a sequence of them (default: "label-pca")
         Hidden-layer target scheme(s): ``label-pca``, ``pca``, ``label-encoding``, ``random``,
         ``random-standardized``.
@@ -81,50 +88,49 @@ class FedACnnL(Strategy):
         skips federated evaluation.
     min_train_nodes, min_evaluate_nodes, min_available_nodes : int (default: 2)
         Minimum nodes per round and connected.
+    availability_timeout : float (default: 600)
+        Seconds a round waits for ``min_available_nodes``; then it goes on with the connected
+        nodes if at least ``min_valid_replies`` are, else ``NodesUnavailableError`` names them.
     min_valid_replies : int (default: 1)
         A layer is solved only from at least this many valid replies; absent, failing or rejected
         clients are left out (the layer equals the centralized one over the others' data).
     max_retries : int (default: 1)
-        Retries of a layer that ended with too few valid replies: a new round sent to connected
-        nodes that have not given valid statistics of the layer; valid replies are kept and summed
-        with the new ones. Then ``RuntimeError`` names the layer (solved layers are kept).
+        Retries of a layer with too few valid replies (a new round to connected nodes without
+        valid statistics; valid replies are kept). Then ``RuntimeError`` names the layer.
     accept_failures : bool (default: True)
         ``False`` stops the run at the first failed, rejected or missing reply.
     aggregation : {"sorted", "streaming"} (default: "sorted")
-        ``sorted`` holds every reply and sums in partition order (bit-reproducible); ``streaming``
-        adds each reply as it arrives (server memory ``O(D²)`` for any number of clients; equal to
-        rounding).
+        ``sorted`` sums in partition order (bit-reproducible); ``streaming`` adds each reply as it
+        arrives (server memory ``O(D²)`` for any number of clients; equal to rounding).
     release : ReleasePolicy, optional
-        What clients release: exact statistics (default) or
-        :class:`~flwr_analytic.analytic.privacy.release.DPRelease` (Gaussian-noised; its checks
-        and public ridge).
+        Exact statistics (default) or ``analytic.privacy.release.DPRelease`` (Gaussian noise).
     num_groups : int (default: 0)
         ``>= 2``: after the output layer's round, clients are clustered by label distribution and
         one output layer is solved per group (hidden layers stay global).
-    max_in_flight : int (default: 64)
-        Streaming: push at most this many messages at a time (``0``: all at once).
-    pull_interval : float (default: 0.05)
-        Streaming: seconds between two pulls while replies are outstanding.
+    max_in_flight, pull_interval : int, float (default: 64, 0.05)
+        Streaming: messages pushed at a time (``0``: all at once); seconds between two pulls.
     weighted_by_key, arrayrecord_key, configrecord_key : str
         Record keys (defaults ``num-examples``, ``arrays``, ``config``).
     evaluate_metrics_aggr_fn : callable, optional
         ``(list[RecordDict], str) -> MetricRecord``; default
         :func:`~flwr_analytic.strategies.evaluation.aggregate_personalized_evaluation`.
+    action : str (default: "fedacnnl")
+        Messages are ``train.<action>`` / ``evaluate.<action>`` (``"default"``: ``train``), so a
+        project's client app serves them next to its own (``clients.add_fedacnnl_handlers``).
 
     Notes
     -----
-    ``history`` (a :class:`~flwr_analytic.strategies.records.RoundLog`) holds one record per round
-    with the layer, ``num-valid``, ``partitions`` (summed), ``rejected`` (node and reason),
-    ``missing-*`` / ``failed-*`` nodes and partitions, ``num-carried`` (kept from a failed attempt);
-    wrap the strategy in :class:`~flwr_analytic.strategies.metering.Metered` to add bytes and times,
-    in :class:`~flwr_analytic.strategies.checkpointing.Checkpointed` to resume after a crash.
+    ``history`` (``records.RoundLog``) holds one record per round: the layer, ``num-valid``,
+    ``partitions`` summed, ``rejected`` (node, reason), ``missing-*`` / ``failed-*``, ``num-carried``;
+    ``metering.Metered`` adds bytes and times, ``checkpointing.Checkpointed`` resumes after a crash.
     """
 
     def __init__(
         self,
-        architecture: Architecture,
+        architecture: Architecture | TracedArchitecture | nn.Module,
         scheme: str | TargetScheme | Sequence[str | TargetScheme] = "label-pca",
         *,
+        input_shape: tuple[int, ...] | None = None,
         lam: float = 0.1,
         lam_rule: str = "relative",
         personalize_layers: str = "last",
@@ -134,6 +140,7 @@ class FedACnnL(Strategy):
         min_train_nodes: int = 2,
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
+        availability_timeout: float = 600.0,
         max_retries: int = 1,
         accept_failures: bool = True,
         max_in_flight: int = 64,
@@ -142,8 +149,10 @@ class FedACnnL(Strategy):
         arrayrecord_key: str = P.ARRAYS_KEY,
         configrecord_key: str = P.CONFIG_KEY,
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        action: str = "fedacnnl",
         **analytic: Unpack[AnalyticOptions],
     ) -> None:
+        architecture = as_architecture(architecture, input_shape)
         check_fedacnnl_arguments({**locals(), **ANALYTIC_DEFAULTS, **analytic})
         self.server = LayerwiseServer(architecture, scheme, **analytic)
         self.architecture, self.scheme = architecture, scheme
@@ -151,6 +160,7 @@ class FedACnnL(Strategy):
         self.batch_size = batch_size
         self.fraction_train, self.fraction_evaluate = fraction_train, fraction_evaluate
         self.min_train_nodes, self.min_available_nodes = min_train_nodes, min_available_nodes
+        self.availability_timeout = float(availability_timeout)
         self.min_evaluate_nodes = 0 if fraction_evaluate == 0.0 else min_evaluate_nodes
         self.max_retries, self.accept_failures = int(max_retries), accept_failures
         self.max_in_flight, self.pull_interval = int(max_in_flight), float(pull_interval)
@@ -159,7 +169,12 @@ class FedACnnL(Strategy):
         self.evaluate_metrics_aggr_fn = (
             evaluate_metrics_aggr_fn or aggregate_personalized_evaluation
         )
+        self.action = action
         self.reset()
+
+    def message_type(self, category: str) -> str:
+        """``category`` (``train`` / ``evaluate``) qualified by :attr:`action`."""
+        return category if self.action == "default" else f"{category}.{self.action}"
 
     def reset(self) -> None:
         """Start over: no layer solved, an empty history."""
@@ -168,11 +183,9 @@ class FedACnnL(Strategy):
         self.evaluated = False
         self._attempts: dict[int, int] = {}
         self._sent: dict[int, list[int]] = {}
+        self._connected: set[int] | None = None
 
-    @property
-    def net(self):  # noqa: ANN201 - AnalyticNetwork
-        """The server's :class:`~flwr_analytic.analytic.AnalyticNetwork`."""
-        return self.server.net
+    net = property(lambda self: self.server.net, doc="The server's ``AnalyticNetwork``.")
 
     @property
     def num_rounds(self) -> int:
@@ -195,19 +208,16 @@ class FedACnnL(Strategy):
 
     def group_arrays(self, group: int) -> ArrayRecord:
         """The output layer of ``group`` as float64 ``state_dict`` entries."""
-        net = self.net.with_weights([*self.net.weights[:-1], self.server.group_weights[group]])
-        state = P.weights_state_dict(net)
-        return ArrayRecord({k: state[k] for k in P.layer_keys(self.net.num_layers - 1)})
+        return ArrayRecord(P.output_layer_state(self.net, self.server.group_weights[group]))
 
     def summary(self) -> None:
         """Log the configuration of the strategy."""
         arch, s = self.architecture, self.server
         log(INFO, "\t├──> FedACnnL (arXiv 2502.06915): %s, %d layers", arch.name, arch.num_layers)
         log(INFO, "\t│\t├──Training rounds (one per fitted layer): %d", self.num_rounds)
-        log(INFO, "\t│\t├──Schemes: %s", [x.name for x in self.net.schemes])
-        log(INFO, "\t│\t├──γ: output %g, hidden %g (%s) | λ: %g (%s), personalize %s",
-            s.gamma, s.hidden_gamma, s.gamma_rule, self.lam, self.lam_rule,
-            self.personalize_layers)  # fmt: skip
+        log(INFO, "\t│\t├──Schemes %s | γ: output %g, hidden %g (%s) | λ: %g (%s), personalize %s",
+            [x.name for x in self.net.schemes], s.gamma, s.hidden_gamma, s.gamma_rule, self.lam,
+            self.lam_rule, self.personalize_layers)  # fmt: skip
         log(INFO, "\t│\t└──aggregation %s, release %s, groups %d, seed %d, dtype %s",
             s.aggregation, s.release.name, s.num_groups, s.seed, s.dtype)  # fmt: skip
         log(INFO, "\t└──> Sampling: fraction train %.2f / evaluate %.2f, min nodes %d / %d / %d",
@@ -235,9 +245,8 @@ class FedACnnL(Strategy):
             answered = {key.node for key in self.server.open_layer().keys}
             node_ids = retry_sample(grid, answered, self.fraction_train, self.min_train_nodes)
         else:
-            node_ids = sample_sorted(
-                grid, self.fraction_train, self.min_train_nodes, self.min_available_nodes
-            )
+            node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes,
+                                    f"layer {layer + 1}/{self.net.num_layers}")  # fmt: skip
         cfg = self._config(config, server_round)
         cfg[P.LAYER] = layer
         content = RecordDict(
@@ -245,10 +254,18 @@ class FedACnnL(Strategy):
         )
         record = self.history.open(server_round, "train")
         record.num_sent, record.details["layer"] = len(node_ids), layer
-        self._sent[server_round] = node_ids
+        self._sent[server_round], self._connected = node_ids, set(grid.get_node_ids())
         log(DEBUG, "configure_train: layer %d/%d (D=%d), sampled %d nodes",
             layer + 1, self.net.num_layers, self.net.design_dim(layer), len(node_ids))  # fmt: skip
-        return [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in node_ids]
+        return [
+            Message(content, dst_node_id=n, message_type=self.message_type(MessageType.TRAIN))
+            for n in node_ids
+        ]
+
+    def _sample(self, grid: Grid, fraction: float, minimum: int, what: str) -> list[int]:
+        return sample_available(grid, fraction, minimum, self.min_available_nodes, what=what,
+                                timeout=self.availability_timeout, known=self.server.node_partitions,
+                                needed=self.server.min_valid_replies)  # fmt: skip
 
     def _reject(self, record: RoundRecord, node: int, reason: str) -> None:
         log(WARNING, "Rejected reply from node %d: %s", node, reason)
@@ -267,24 +284,26 @@ class FedACnnL(Strategy):
         t0, layer = time.perf_counter(), self.server.layer
         record, carried = self.history.open(server_round, "train"), self.server.carried
         record.details["layer"] = layer
-        failed, replied, compute, check_time, num_replies = [], set(), [], 0.0, 0
+        failed, failed_pids, replied, compute, check_time, num_replies = [], {}, set(), [], 0.0, 0
         for msg in replies:
             t_msg, node = time.perf_counter(), int(msg.metadata.src_node_id)
+            kind, pid = error_reply(msg) if msg.has_error() else ("ok", None)
+            if kind == "unavailable":  # the SuperLink's word for a node that is gone: missing
+                continue
             replied.add(node)
             num_replies += 1
-            if msg.has_error():
+            if kind == "failed":
                 failed.append(node)
+                failed_pids.update({} if pid is None else {node: pid})
                 self._reject(record, node, f"client error: {msg.error.reason}")
                 continue
             try:
-                key, stats = check_reply(self.server, msg, self.weighted_by_key)
-                self.server.contribute(key, stats)
+                metrics, _ = accept_reply(self.server, msg, self._connected, self.weighted_by_key)
             except StatisticsError as exc:
                 self._reject(record, node, str(exc))
                 continue
-            metrics = next(iter(msg.content.metric_records.values()))
             compute.append(float(metrics.get("compute-time", 0.0)))
-            del msg, stats
+            del msg
             check_time += time.perf_counter() - t_msg
         record.num_replies = num_replies
         if carried:
@@ -293,7 +312,10 @@ class FedACnnL(Strategy):
         outcome = self.server.close_layer()
         for key, reason in outcome.duplicates:
             self._reject(record, key.node, reason)
-        sent, known = self._sent.pop(server_round, []), self.server.node_partitions
+        sent, known = (
+            self._sent.pop(server_round, []),
+            {**self.server.node_partitions, **failed_pids},
+        )
         absent = name_absent(record, sent, replied, failed, known)
         if absent["num-missing"]:
             log(WARNING, "layer %d/%d: %d replies missing (timeout or disconnect): "
@@ -317,15 +339,9 @@ class FedACnnL(Strategy):
             return self.global_arrays(), metrics
         self._attempts[layer] = self._attempts.get(layer, 0) + 1
         if self._attempts[layer] > self.max_retries:
-            raise RuntimeError(
-                failure_message(
-                    self.history,
-                    layer,
-                    self.server.min_valid_replies,
-                    self.max_retries,
-                    self.net.solved_layers,
-                )  # fmt: skip
-            )
+            raise RuntimeError(failure_message(
+                self.history, layer, self.server.min_valid_replies, self.max_retries,
+                self.net.solved_layers, self.net.num_layers))  # fmt: skip
         log(WARNING, "layer %d/%d: %d valid replies < min_valid_replies=%d; retry %d of %d",
             layer + 1, self.net.num_layers, outcome.num_valid, self.server.min_valid_replies,
             self._attempts[layer], self.max_retries)  # fmt: skip
@@ -337,20 +353,16 @@ class FedACnnL(Strategy):
         """Once every layer is solved (and once only): the global model, λ and group layers."""
         if self.fraction_evaluate == 0.0 or not self.finished or self.evaluated:
             return []
-        node_ids = sample_sorted(
-            grid, self.fraction_evaluate, self.min_evaluate_nodes, self.min_available_nodes
-        )
-        cfg = self._config(config, server_round)
+        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluation")
+        cfg, sent, messages = self._config(config, server_round), self.global_arrays(), []
         cfg[P.LAM], cfg[P.LAM_RULE] = float(self.lam), self.lam_rule
-        sent, messages = self.global_arrays(), []
         for node_id in node_ids:
             content = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: cfg})
             group = self.server.group_of_node.get(node_id)
             if group is not None:
                 content[P.GROUP_ARRAYS_KEY] = self.group_arrays(group)
-            messages.append(
-                Message(content, dst_node_id=node_id, message_type=MessageType.EVALUATE)
-            )
+            kind = self.message_type(MessageType.EVALUATE)
+            messages.append(Message(content, dst_node_id=node_id, message_type=kind))
         self.history.open(server_round, "evaluate").num_sent = len(messages)
         self.evaluated = True
         log(INFO, "configure_evaluate: sampled %d nodes", len(node_ids))
@@ -365,12 +377,9 @@ class FedACnnL(Strategy):
             return None
         record = self.history.open(server_round, "evaluate")
         record.num_replies = len(replies)
-        good = []
-        for msg in replies:
-            if msg.has_error():
-                self._reject(record, int(msg.metadata.src_node_id), msg.error.reason)
-            else:
-                good.append(msg.content)
+        good, rejected = evaluation_replies(self.server.owners.owner, replies)
+        for node, reason in rejected:
+            self._reject(record, node, reason)
         metrics = self.evaluate_metrics_aggr_fn(good, self.weighted_by_key) if good else None
         record.metrics = dict(metrics) if metrics is not None else {}
         return metrics
@@ -412,23 +421,13 @@ class FedACnnL(Strategy):
         self.history.load(meta["history"])
         self.evaluated = bool(meta.get("evaluated", False))
 
-    def add_clients(self, statistics: Iterable[Any]) -> np.ndarray:
+    def add_clients(self, statistics: Iterable[Any], *, remove: bool = False) -> np.ndarray:
         """Join clients after training: ``W = (G + ΣG_j + γI)⁻¹(B + ΣB_j)`` (no round).
 
-        Each item is a joining client's output-layer statistics (``LayerStatistics`` or packed).
-        Exact for the output layer given the hidden layers; group layers are not updated.
+        Each item is a client's output-layer statistics (``LayerStatistics`` or packed). Exact
+        for the output layer given the hidden layers; group layers are not updated.
+        ``remove=True``: :meth:`remove_clients`.
         """
-        return self._update_output(statistics, remove=False)
-
-    def remove_clients(self, statistics: Iterable[Any]) -> np.ndarray:
-        """Unlearn clients: ``W = (G − ΣG_k + γI)⁻¹(B − ΣB_k)``, checked (``StatisticsError``).
-
-        Exactly the model without them for ``linear`` / ``random`` hidden layers; with
-        data-dependent hidden layers only the output layer given the hidden layers is exact.
-        """
-        return self._update_output(statistics, remove=True)
-
-    def _update_output(self, statistics: Iterable[Any], *, remove: bool) -> np.ndarray:
         w, details = self.server.update_output(statistics, remove=remove)
         kind = "remove-clients" if remove else "add-clients"
         self.history.open(max((r.round for r in self.history), default=0), kind).details = details
@@ -436,6 +435,14 @@ class FedACnnL(Strategy):
             log(WARNING, "%s: the group-wise output layers are not updated", kind)
         log(INFO, "%s: %d clients, output layer re-solved", kind, details["num-clients"])
         return w
+
+    def remove_clients(self, statistics: Iterable[Any]) -> np.ndarray:
+        """Unlearn clients: ``W = (G − ΣG_k + γI)⁻¹(B − ΣB_k)``, checked (``StatisticsError``).
+
+        Exactly the model without them for ``linear`` / ``random`` hidden layers; with
+        data-dependent hidden layers only the output layer given the hidden layers is exact.
+        """
+        return self.add_clients(statistics, remove=True)
 
 
 __all__ = ["FedACnnL", "aggregate_personalized_evaluation"]

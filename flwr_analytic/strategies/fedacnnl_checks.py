@@ -16,13 +16,14 @@ from flwr_analytic.analytic import AnalyticNetwork
 from flwr_analytic.analytic.server import AGGREGATIONS
 from flwr_analytic.config_checks import ConfigError, check_choice, check_number
 from flwr_analytic.fedacnnl import protocol as P
-from flwr_analytic.models import Architecture
+from flwr_analytic.models import Architecture, TracedArchitecture
 
 
 def check_fedacnnl_arguments(args: Mapping[str, Any]) -> None:
     """Raise ``ConfigError`` for the first argument of ``FedACnnL(**args)`` that is not allowed."""
     check_number("fraction_train", args["fraction_train"], low=0.0, high=1.0, low_open=True)
     check_number("fraction_evaluate", args["fraction_evaluate"], low=0.0, high=1.0)
+    check_number("availability_timeout", args["availability_timeout"], low=0.0)
     check_number("gamma", args["gamma"], low=0.0)
     check_number("hidden_gamma", args["hidden_gamma"], low=0.0)
     check_number("lam", args["lam"], low=0.0, low_open=True)  # λ → 0 is the local model
@@ -48,10 +49,10 @@ def check_fedacnnl_arguments(args: Mapping[str, Any]) -> None:
     ):
         check_number(key, args[key], low=low, integer=True)
     architecture = args["architecture"]
-    if not isinstance(architecture, Architecture):
+    if not isinstance(architecture, Architecture | TracedArchitecture):
         raise ConfigError(
-            f"architecture: {architecture!r} is not allowed; must be an Architecture "
-            "(flwr_analytic.models.get_architecture)"
+            f"architecture: {architecture!r} is not allowed; must be a torch.nn.Module (with "
+            "input_shape) or an Architecture (flwr_analytic.models.get_architecture)"
         )
     try:
         net = AnalyticNetwork(architecture, args["scheme"])

@@ -26,7 +26,7 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 
 from flwr_analytic.analytic import StatisticsError
 from flwr_analytic.analytic.server import ClientKey, LayerOutcome
-from flwr_analytic.clients.fedacnnl_legacy import list_to_packed, state_to_arrays
+from flwr_analytic.clients.fedacnnl_legacy import list_to_packed
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.strategies.fedacnnl import FedACnnL
 from flwr_analytic.strategies.records import RoundLog, RoundRecord
@@ -74,7 +74,7 @@ class FedACnnLLegacy(LegacyStrategy):
         return self.core.history
 
     def _arrays(self) -> Parameters:
-        return ndarrays_to_parameters(state_to_arrays(P.weights_state_dict(self.core.net)))
+        return ndarrays_to_parameters(P.weights_list(self.core.net))
 
     def _sample(self, client_manager: ClientManager, fraction: float, minimum: int):  # noqa: ANN202
         available = client_manager.num_available()

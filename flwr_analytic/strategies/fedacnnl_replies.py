@@ -9,11 +9,14 @@ A client's reply to the round of layer ``l`` (Gu et al., arXiv 2502.06915) holds
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Message, MetricRecord
+from flwr.common import log
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from flwr_analytic.analytic import LayerStatistics, StatisticsError
 from flwr_analytic.analytic.server import ClientKey, LayerOutcome, LayerwiseServer
@@ -89,6 +92,70 @@ def check_reply(
     return key, stats
 
 
+def accept_reply(
+    server: LayerwiseServer,
+    msg: Message,
+    connected: Collection[int] | None,
+    weighted_by_key: str = P.NUM_EXAMPLES,
+) -> tuple[Mapping[str, Any], str | None]:
+    """Check a training reply and add it to the layer's sum: its metrics and a note, if any.
+
+    The claim is checked against the partition's owner and the run's ``num-partitions``
+    (:meth:`LayerwiseServer.contribute`); raises ``StatisticsError`` with the reason to reject.
+    """
+    key, stats = check_reply(server, msg, weighted_by_key)
+    metrics = next(iter(msg.content.metric_records.values()))
+    claimed = metrics.get(P.NUM_PARTITIONS)
+    if claimed is not None and (isinstance(claimed, bool) or not isinstance(claimed, int)):
+        raise StatisticsError(f"num-partitions must be an integer, got {claimed!r}")
+    claimed = claimed if claimed is not None and claimed > 0 else None  # 0: not known
+    note = server.contribute(key, stats, claimed, connected)
+    if note:
+        log(WARNING, "%s", note)
+    return metrics, note
+
+
+def error_reply(msg: Message) -> tuple[str, int | None]:
+    """What an error reply means: ``("unavailable", None)`` or ``("failed", partition)``.
+
+    The SuperLink's own error about a node that is gone is no reply: the node is *missing*, and
+    the SuperLink's id is not a client. Any other error is a failed client, with the partition it
+    named (``None`` when it did not say).
+    """
+    code, reason = msg.error.code, str(msg.error.reason)
+    from_link = int(msg.metadata.src_node_id) == SUPERLINK_NODE_ID
+    if from_link and code in (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+        return "unavailable", None
+    return "failed", P.error_partition(reason)
+
+
+def evaluation_replies(
+    owners: Mapping[int, int], replies: list[Message]
+) -> tuple[list[Any], list[tuple[int, str]]]:
+    """The evaluation replies to aggregate, each partition once; and the rejected ``(node, why)``.
+
+    A reply is rejected for an error, or for a partition held by another node (``owners``: the
+    partition's node since training) or already counted (sorted by node id).
+    """
+    good, rejected, counted = [], [], set()
+    for msg in sorted(replies, key=lambda m: int(m.metadata.src_node_id)):
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            rejected.append((node, str(msg.error.reason)))
+            continue
+        metrics = next(iter(msg.content.metric_records.values()), {})
+        pid = metrics.get(P.PARTITION_ID, -1)
+        pid = int(pid) if isinstance(pid, int | float) and pid >= 0 else None
+        owner = owners.get(pid) if pid is not None else None
+        if pid is not None and ((owner is not None and owner != node) or pid in counted):
+            holder = f"held by node {owner}" if owner not in (None, node) else "already counted"
+            rejected.append((node, f"duplicate partition-id {pid} ({holder}): counted once"))
+            continue
+        counted.add(pid)
+        good.append(msg.content)
+    return good, rejected
+
+
 def name_absent(
     record: RoundRecord,
     sent: list[int],
@@ -158,9 +225,35 @@ def round_metrics(
 
 
 def failure_message(
-    history: RoundLog, layer: int, min_valid_replies: int, max_retries: int, solved: int
+    history: RoundLog,
+    layer: int,
+    min_valid_replies: int,
+    max_retries: int,
+    solved: int,
+    num_layers: int | None = None,
 ) -> str:
-    """Why ``layer`` could not be solved: valid replies, attempts, who was absent, what is kept."""
+    """Why ``layer`` could not be solved: valid replies, attempts, who was absent, what is kept.
+
+    Parameters
+    ----------
+    history : RoundLog
+        The strategy's round records (``details["layer"]`` 0-based, as in the results JSON).
+    layer : int
+        The 0-based index of the layer; the message names it 1-based, ``layer k/L``, as the
+        round log lines do.
+    min_valid_replies, max_retries : int
+        The strategy's settings, quoted in the message.
+    solved : int
+        Layers solved so far (kept in the strategy).
+    num_layers : int, optional
+        ``L``; without it the message says ``layer k``.
+
+    Returns
+    -------
+    str
+        One line, e.g. ``layer 2/3 could not be solved: 2 valid replies (min_valid_replies=3)
+        after 2 attempts (rounds [2, 3], max_retries=1); ...``.
+    """
     tried = [r for r in history if r.kind == "train" and r.details.get("layer") == layer]
     last = tried[-1].details if tried else {}
     absent = [
@@ -169,8 +262,9 @@ def failure_message(
         for who in ("partitions", "nodes")
         if last.get(f"{kind}-{who}")
     ][:2]
+    name = f"layer {layer + 1}" + (f"/{num_layers}" if num_layers else "")
     return (
-        f"layer {layer} could not be solved: {last.get('num-valid', 0)} valid replies "
+        f"{name} could not be solved: {last.get('num-valid', 0)} valid replies "
         f"(min_valid_replies={min_valid_replies}) after {len(tried)} attempts "
         f"(rounds {[r.round for r in tried]}, max_retries={max_retries})"
         + (f"; last attempt: {', '.join(absent)}" if absent else "")
@@ -180,7 +274,10 @@ def failure_message(
 
 
 __all__ = [
+    "accept_reply",
     "check_reply",
+    "error_reply",
+    "evaluation_replies",
     "decode_statistics_reply",
     "failure_message",
     "name_absent",

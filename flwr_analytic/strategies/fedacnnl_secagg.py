@@ -97,10 +97,13 @@ class FedACnnLSecAgg(FedACnnLLegacy):
                 f"SecAgg clients must report num_examples=1 (the SecAgg+ weight), got {weights}"
             )
         claimed = {int(res.metrics.get(P.LAYER, -1)) for _, res in results}
-        if claimed != {layer}:
-            raise StatisticsError(f"results are for layers {sorted(claimed)}, expected {layer}")
-        mean = parameters_to_ndarrays(results[0][1].parameters)
         net = self.core.net
+        if claimed != {layer}:  # named 1-based, "layer k/L", as in the log
+            shown = ", ".join(f"{c + 1}/{net.num_layers}" for c in sorted(claimed))
+            raise StatisticsError(
+                f"results are for layers {shown}, expected layer {layer + 1}/{net.num_layers}"
+            )
+        mean = parameters_to_ndarrays(results[0][1].parameters)
         stats = self.encoding.decode(
             mean, len(results), rows_per_sample=rows_per_sample(net, layer)
         )
@@ -130,7 +133,8 @@ class FedACnnLSecAgg(FedACnnLLegacy):
             try:
                 stats = self.decode(results, layer)
             except (StatisticsError, ValueError, TypeError) as exc:
-                record.reject(-1, f"secure aggregate of layer {layer}: {exc}")
+                shown = f"{layer + 1}/{self.core.net.num_layers}"
+                record.reject(-1, f"secure aggregate of layer {shown}: {exc}")
             else:
                 eps_g, eps_n = self.encoding.entry_tolerance(len(results))
                 self.aggregates[layer] = {

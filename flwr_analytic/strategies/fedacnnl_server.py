@@ -23,7 +23,12 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from flwr_analytic.analytic.privacy.release import DPRelease
 from flwr_analytic.fedacnnl.config import dp_config, resolve_run_config
-from flwr_analytic.fedacnnl.data import architecture_for, load_cached_dataset, split_from_config
+from flwr_analytic.fedacnnl.data import (
+    architecture_for,
+    data_fingerprint,
+    load_cached_dataset,
+    split_from_config,
+)
 from flwr_analytic.models import build_module
 from flwr_analytic.report import accuracy_table, write_accuracy_png
 from flwr_analytic.strategies.checkpointing import Checkpointed
@@ -46,17 +51,23 @@ def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
         str(cfg["scheme"]),
         **cfg.kwargs("gamma", "hidden-gamma", "gamma-rule", "lam", "lam-rule"),
         **cfg.kwargs("personalize-layers", "seed", "dtype", "batch-size", "num-groups"),
-        **cfg.kwargs("aggregation", "max-in-flight"),
+        **cfg.kwargs("aggregation", "max-in-flight", "availability-timeout"),
         **sampling_options(cfg),
         release=DPRelease(dp) if dp.enabled else None,
     )
 
 
 def wrap_fedacnnl_strategy(strategy: Strategy, cfg: Mapping[str, Any]) -> Strategy:
-    """``Metered(strategy)``, inside ``Checkpointed`` when ``checkpoint-path`` is set."""
+    """``Metered(strategy)``, inside ``Checkpointed`` when ``checkpoint-path`` is set.
+
+    The checkpoint's fingerprint adds the data keys (:func:`~flwr_analytic.fedacnnl.data.data_fingerprint`)
+    to the strategy's: a checkpoint of another data set, split or partitioner is refused.
+    """
     wrapped: Strategy = Metered(strategy)
     if cfg["checkpoint-path"]:
-        wrapped = Checkpointed(wrapped, str(cfg["checkpoint-path"]))
+        wrapped = Checkpointed(
+            wrapped, str(cfg["checkpoint-path"]), fingerprint=data_fingerprint(cfg)
+        )
     return wrapped
 
 
@@ -136,6 +147,11 @@ def run_fedacnnl(
         "bytes-sent": int(sum(e.get("bytes-sent", 0) for e in history)),
         "bytes-received": int(sum(e.get("bytes-received", 0) for e in history)),
         "model-sha256": arrays_digest(result.arrays),
+        # per layer: exactly which partitions were summed; who holds which partition; conflicts
+        "layer-partitions": {
+            int(e["layer"]): e.get("partitions", []) for e in history if e["kind"] == "train"
+        },
+        "partition-owners": strategy.server.owners.state(),
     }
     privacy = strategy.privacy()  # each client's (ε, δ) over the released layers (DP)
     if privacy is not None:

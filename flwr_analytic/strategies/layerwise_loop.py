@@ -21,8 +21,6 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from flwr_analytic.models import build_module
-
 
 def run_layerwise(
     strategy: Any,
@@ -52,7 +50,7 @@ def run_layerwise(
     if num_rounds is not None and num_rounds > needed:
         log(WARNING, "num_rounds=%d > %d fitted layers: running %d", num_rounds, needed, needed)
     if initial_arrays is not None and len(initial_arrays):
-        expected = set(build_module(strategy.architecture).state_dict())
+        expected = set(strategy.architecture.build_module().state_dict())
         if not set(initial_arrays.keys()) <= expected:  # a resumed run passes the solved layers
             raise ValueError("initial_arrays do not match the architecture's state_dict keys")
     inner = strategy.innermost() if hasattr(strategy, "innermost") else strategy

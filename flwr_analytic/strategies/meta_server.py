@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -18,7 +19,32 @@ from flwr_analytic.meta.config import resolve_run_config
 from flwr_analytic.meta.task import build_model
 from flwr_analytic.strategies.checkpointing import Checkpointed
 from flwr_analytic.strategies.meta_baselines import build_meta_strategy
-from flwr_analytic.strategies.wrapper import EvaluateRounds
+from flwr_analytic.strategies.wrapper import EvaluateRounds, StrategyWrapper
+
+#: Work counters that clients report as floats; their mean over clients doing the same work is a
+#: whole number, which :class:`WholeCounters` hands to the loop as an ``int``.
+WHOLE_COUNTERS = ("grad-evals", "hvp-evals", "grad-equivalents", "samples-processed", "local-steps")
+
+
+class WholeCounters(StrategyWrapper):
+    """The training metrics with whole-number :data:`WHOLE_COUNTERS` as ``int``.
+
+    Flower's weighted mean turns equal counts into floats such as ``29.999999999999996``, which
+    its end-of-run table prints as ``3.0000e+01``; this prints ``30``. Other values are untouched,
+    and so is the per-round history (``Metered``) inside it.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The wrapped aggregation; whole-number counters as ``int``."""
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        for key in WHOLE_COUNTERS if metrics is not None else ():
+            value = metrics.get(key)
+            if isinstance(value, float) and math.isfinite(value):
+                if abs(value - round(value)) <= 1e-9 * max(1.0, abs(value)):
+                    metrics[key] = round(value)
+        return arrays, metrics
 
 
 def run_meta(
@@ -33,8 +59,8 @@ def run_meta(
     :class:`~flwr_analytic.strategies.records.RoundRecord` per round and kind: aggregated
     metrics, bytes sent/received, round time, per-client evaluation metrics). With
     ``checkpoint-path`` the run is :class:`~flwr_analytic.strategies.checkpointing.Checkpointed`.
-    The log holds no per-client lists (they are in the history); the run ends with
-    :func:`meta_outcome`.
+    The log holds no per-client lists (they are in the history), whole-number work counters
+    print as integers (:class:`WholeCounters`); the run ends with :func:`meta_outcome`.
 
     Returns
     -------
@@ -45,7 +71,7 @@ def run_meta(
     metered, train_config, evaluate_config = build_meta_strategy(cfg)
     rounds, every = int(cfg["num-server-rounds"]), max(1, int(cfg["evaluate-every"]))
     eval_rounds = {r for r in range(1, rounds + 1) if r % every == 0 or r == rounds}
-    strategy: Strategy = EvaluateRounds(metered, eval_rounds)
+    strategy: Strategy = EvaluateRounds(WholeCounters(metered), eval_rounds)
     if cfg.get("checkpoint-path"):  # a checkpoint after every round; a restart resumes from it
         strategy = Checkpointed(strategy, str(cfg["checkpoint-path"]))
     random.seed(int(cfg["seed"]))  # Flower samples nodes with the global `random`

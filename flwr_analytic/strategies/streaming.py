@@ -62,7 +62,8 @@ class ReplyStream(Grid):
         messages = list(messages)
         if not messages:
             return []
-        train = messages[0].metadata.message_type == MessageType.TRAIN
+        category = messages[0].metadata.message_type.split(".", 1)[0]
+        train = category == MessageType.TRAIN
         if not train and self.max_in_flight <= 0:
             return self.grid.send_and_receive(messages, timeout=timeout)
         window = self.max_in_flight if self.max_in_flight > 0 else len(messages)

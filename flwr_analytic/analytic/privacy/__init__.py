@@ -14,7 +14,7 @@ Flower imports here; the Flower adapters are :mod:`flwr_analytic.clients.fedacnn
     ridge ``γ_DP = (κ/2)·2σ√(KD)`` for the noisy sum.
 :mod:`~.accounting`
     ``μ = √(Σ_l 1/z_l²)``-GDP composition (Dong, Roth & Su 2022) and the exact ``(ε, δ)`` curve of
-    the analytic Gaussian mechanism (Balle & Wang 2018).
+    the analytic Gaussian mechanism (Balle & Wang 2018), evaluated by Google's ``dp-accounting``.
 :mod:`~.release`
     Release policies (:class:`ExactRelease`, :class:`DPRelease`): the server's per-reply checks,
     solve and privacy report for exact or noisy statistics.

@@ -1,0 +1,183 @@
+"""The client half of FedACnnL / pFedACnnL as pure functions (no Flower message handling).
+
+Gu et al., "Analytic Personalized Federated Meta-Learning" (arXiv 2502.06915). A client's data is
+an :class:`~flwr_analytic.data.ArrayDataset` or the user's own loaders
+(:class:`~flwr_analytic.data.batches.LoaderData`: a ``DataLoader`` of dict or ``(x, y)`` batches);
+statistics and evaluation stream over its batches. With a user's model the server's description is
+checked against the node's own ``model`` (:func:`~flwr_analytic.fedacnnl.protocol.network_from_config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from flwr_analytic.analytic import AnalyticNetwork, LayerStatistics, personalize
+from flwr_analytic.data import ArrayDataset, from_hf_dataset
+from flwr_analytic.data.batches import LoaderData
+from flwr_analytic.fedacnnl import protocol as P
+
+#: A client's data: arrays, or the user's loader (``LoaderData``, a ``DataLoader``).
+ClientData = ArrayDataset | LoaderData | Any
+#: The global layers as ``state_dict`` arrays by key, or the legacy list of weight/bias pairs.
+LayerArrays = Mapping[str, np.ndarray] | Sequence[np.ndarray]
+
+
+def as_client_data(
+    data: Any, image_key: str | None = None, label_key: str | None = None
+) -> ClientData:
+    """A client's data in the form the functions below take.
+
+    An ``ArrayDataset`` or ``LoaderData`` as it is; a flwr-datasets partition (a Hugging Face
+    ``datasets.Dataset``, e.g. ``FederatedDataset(...).load_partition(k)``) as an ``ArrayDataset``
+    (:func:`~flwr_analytic.data.from_hf_dataset`; images scaled to ``[0, 1]``); anything else (your
+    ``DataLoader``) as ``LoaderData`` with the keys of its dict batches.
+    """
+    if isinstance(data, ArrayDataset | LoaderData):
+        return data
+    if hasattr(data, "column_names") and hasattr(data, "features"):
+        return from_hf_dataset(data, image_key, label_key)
+    return LoaderData(data, image_key, label_key)
+
+
+def check_data(net: AnalyticNetwork, data: ClientData) -> None:
+    """Shape and label range of in-memory data (a loader's batches are checked as they stream)."""
+    if not isinstance(data, ArrayDataset):
+        return
+    if tuple(data.input_shape) != tuple(net.arch.input_shape):
+        raise ValueError(
+            f"data samples have shape {data.input_shape}, the model expects {net.arch.input_shape}"
+        )
+    if len(data) and int(data.y.max()) >= net.arch.num_classes:
+        raise ValueError(f"labels exceed the model's {net.arch.num_classes} classes")
+
+
+def num_samples(data: ClientData) -> int:
+    """Samples in ``data`` (a loader: ``len(loader.dataset)``; ``-1`` when unknown)."""
+    try:
+        return len(data)
+    except TypeError:
+        return -1
+
+
+def layer_statistics(
+    config: Mapping[str, Any],
+    arrays: LayerArrays,
+    train: ClientData,
+    model: P.ModelSource | None = None,
+) -> tuple[AnalyticNetwork, LayerStatistics]:
+    """Client half of one FedACnnL round: ``(G_k, B_k, n_k)`` of ``config["layer"]``.
+
+    Parameters
+    ----------
+    config : mapping
+        The strategy's train config (see :mod:`flwr_analytic.fedacnnl.protocol`).
+    arrays : mapping of str to numpy.ndarray, or list
+        The global layers ``< layer`` as ``state_dict`` arrays (legacy API: weight/bias list).
+    train : ArrayDataset or LoaderData
+        The client's training data (streamed batch by batch).
+    model : torch.nn.Module or callable, optional
+        The node's own model, when the server trains a user's model.
+
+    Returns
+    -------
+    (AnalyticNetwork, LayerStatistics)
+        The client's network (layers ``< layer`` installed) and the layer's statistics.
+
+    """
+    net = P.network_from_config(config, model)
+    layer = int(config[P.LAYER])
+    if not 0 <= layer < net.num_layers:
+        raise ValueError(f"layer {layer + 1} out of range 1..{net.num_layers}")
+    check_data(net, train)
+    P.install_layers(net, arrays, upto=layer)
+    stats = net.statistics(layer, *_xy(train), batch_size=int(config[P.BATCH_SIZE]))
+    return net, stats
+
+
+def _xy(data: ClientData) -> tuple[Any, Any]:
+    """``(x, y)`` arrays of in-memory data (the historical path), or ``(source, None)``."""
+    return (data.x, data.y) if isinstance(data, ArrayDataset) else (data, None)
+
+
+def evaluate_global_and_personal(
+    config: Mapping[str, Any],
+    arrays: LayerArrays,
+    train: ClientData,
+    test: ClientData,
+    kept: Mapping[int, tuple[str, LayerStatistics]] | None = None,
+    group_arrays: Mapping[str, np.ndarray] | None = None,
+    model: P.ModelSource | None = None,
+) -> tuple[dict[str, float], dict[int, tuple[str, LayerStatistics]]]:
+    """Accuracy and loss of the global model and of the client's pFedACnnL model on ``test``.
+
+    The personalized layers use the statistics the client kept from training when they were
+    computed with the same global layers below (matching fingerprint); otherwise (e.g. the client
+    was not sampled in that round) they are recomputed from ``train``. With ``group_arrays`` (the
+    output layer of the client's group, group-wise runs) the group model and its personalization
+    are scored too (``group-*``, ``group-personal-*``).
+
+    Returns
+    -------
+    (metrics, statistics)
+        ``global-*`` / ``personal-*`` accuracy, loss and correct counts, ``num-examples`` (test
+        size), ``stats-reused``; and the statistics used per layer (to keep).
+
+    """
+    net = P.network_from_config(config, model)
+    check_data(net, test)
+    if P.install_layers(net, arrays) != net.num_layers:
+        raise KeyError("the evaluation message does not carry every layer of the model")
+    reg = P.personal_regularization(config)
+    which = str(config[P.PERSONALIZE_LAYERS])
+    per_layer: list[LayerStatistics | None] = [None] * net.num_layers
+    used: dict[int, tuple[str, LayerStatistics]] = {}
+    reused = 0
+    for layer in P.personalized_layers(net, which):
+        digest = P.weights_digest(net, layer)
+        if kept and layer in kept and kept[layer][0] == digest:
+            stats = kept[layer][1]
+            reused += 1
+        else:
+            stats = net.statistics(layer, *_xy(train), batch_size=int(config[P.BATCH_SIZE]))
+        per_layer[layer] = stats
+        used[layer] = (digest, stats)
+    models = [
+        ("global", net),
+        ("personal", net.with_weights(personalize(net, per_layer, reg, which))),
+    ]
+    if group_arrays:
+        group = net.with_weights(net.weights)  # type: ignore[arg-type]
+        last = net.num_layers - 1
+        P.install_layers(group, {**_state_of(net), **dict(group_arrays)}, upto=last + 1)
+        models.append(("group", group))
+        models.append(
+            ("group-personal", group.with_weights(personalize(group, per_layer, reg, which)))
+        )
+    metrics: dict[str, float] = {"train-examples": num_samples(train)}
+    for prefix, scored in models:
+        res = scored.evaluate(*_xy(test))
+        metrics[P.NUM_EXAMPLES] = int(res["num-examples"])
+        if res["num-examples"] == 0:
+            res = {"accuracy": 0.0, "loss": 0.0, "correct": 0}
+        metrics[f"{prefix}-accuracy"] = float(res["accuracy"])
+        metrics[f"{prefix}-loss"] = float(res["loss"])
+        metrics[f"{prefix}-correct"] = int(res["correct"])
+    metrics["stats-reused"] = reused
+    return metrics, used
+
+
+def _state_of(net: AnalyticNetwork) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in P.weights_state_dict(net).items()}
+
+
+__all__ = [
+    "ClientData",
+    "as_client_data",
+    "check_data",
+    "evaluate_global_and_personal",
+    "layer_statistics",
+    "num_samples",
+]
