@@ -399,7 +399,7 @@ SERVER_APP_FEDACNNL = '''\
 """pytorchexample: A Flower / PyTorch app."""
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr_analytic.strategies import FedACnnL
 
@@ -429,6 +429,7 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(
         grid=grid,
         initial_arrays=arrays,
+        train_config=ConfigRecord({"lr": lr}),
     )
     metrics = result.evaluate_metrics_clientapp[strategy.num_rounds]
     print(f"global {metrics['global-accuracy']:.4f}, personalized {metrics['personal-accuracy']:.4f}")

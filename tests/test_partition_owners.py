@@ -198,3 +198,33 @@ def test_node_config_overrides_are_honoured_or_refused(digits, tmp_path):
         (reason,) = [r["reason"] for r in record.details["rejected"]]
         assert reason.startswith("client error: partition-id=1: DatasetNotFoundError")
         assert "node-data.npz" in reason
+
+
+def test_a_node_that_disagrees_on_num_partitions_is_not_evaluated(digits, honest):
+    split, _, ref_result = honest
+    other = federated_split(digits, NUM + 1, "iid", test_fraction=0.2, seed=9)
+    hostile = {1: {"partition-id": 4, "num-partitions": NUM + 1, "hostile": True}}
+    strategy = _strategy(digits)
+    result = strategy.start(
+        grid=JoiningGrid(_app(digits, split, other), NUM, seed=5, extra=hostile)
+    )
+    ev, ev_ref = (x.evaluate_metrics_clientapp[2] for x in (result, ref_result))
+    assert ev["client-ids"] == ev_ref["client-ids"] == list(range(NUM))
+    assert ev["num-examples"] == ev_ref["num-examples"]
+    rejected = [r for r in strategy.history if r.kind == "evaluate"][0].details["rejected"]
+    assert rejected == [
+        {
+            "node-id": 1,
+            "reason": f"num-partitions={NUM + 1} disagrees with the run's {NUM}: not evaluated",
+        }
+    ]
+
+
+def test_the_round_line_counts_a_gone_node_as_missing_only(digits, honest, caplog):
+    from flwr_analytic.strategies.metering import Metered
+
+    split, _, _ = honest
+    Metered(_strategy(digits, min_valid_replies=1)).start(
+        grid=UnavailableGrid(_app(digits, split), NUM, seed=5)
+    )
+    assert "layer 2/2 (round 2): 3/4 clients, 0 rejected, 1 missing" in caplog.text

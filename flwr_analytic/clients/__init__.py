@@ -1,5 +1,6 @@
 """Flower Message-API client logic of flwr-analytic."""
 
+from flwr_analytic.clients.analytic_head_client import add_analytic_head_handlers
 from flwr_analytic.clients.fedacnnl_client import make_fedacnnl_client_app
 from flwr_analytic.clients.fedacnnl_legacy import FedACnnLNumPyClient
 from flwr_analytic.clients.fedacnnl_project import add_fedacnnl_handlers, partition_from_load_data
@@ -13,6 +14,7 @@ from flwr_analytic.clients.meta_client import (
 
 __all__ = [
     "FedACnnLNumPyClient",
+    "add_analytic_head_handlers",
     "add_fedacnnl_handlers",
     "partition_from_load_data",
     "handle_evaluate",

@@ -348,6 +348,7 @@ class FedACnnLHandlers:
             for layer, (digest, stats) in used.items():
                 keep_layer_statistics(context, layer, digest, stats)
         metrics[P.PARTITION_ID] = _partition_id(context)
+        metrics[P.NUM_PARTITIONS] = int(context.node_config.get(P.NUM_PARTITIONS, 0))
         metrics["compute-time"] = time.perf_counter() - start
         return Message(content=RecordDict({P.METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 

@@ -285,7 +285,13 @@ def load_hub(repo: str, split: str = "train") -> ArrayDataset:
 
 
 def load_dataset(name: str, path: str | Path | None = None, split: str = "train") -> ArrayDataset:
-    """Load a data set by name: one of :data:`DATASETS`, or ``"hub:<repo id>"``."""
+    """Load a data set by name: one of :data:`DATASETS`, or ``"hub:<repo id>"``.
+
+    ``digits`` is embedded (scikit-learn) and a hub data set is downloaded: a ``path`` for them is
+    refused rather than ignored.
+    """
+    if path and (name == "digits" or name.startswith("hub:")):
+        raise ValueError(f"data-path: {str(path)!r} is not used by {name!r}; leave it empty")
     if name == "digits":
         return load_digits()
     if name == "mnist":

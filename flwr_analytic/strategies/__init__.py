@@ -2,10 +2,12 @@
 
 ``FedACnnL`` (one strategy: aggregation ``sorted`` | ``streaming``, release exact | DP, groups);
 wrappers that compose with any strategy: ``Metered`` (bytes, time, per-client metrics),
-``Checkpointed`` (resume), ``SortedReplies``, ``EvaluateRounds``; the ν-step meta strategies.
+``Checkpointed`` (resume), ``SortedReplies``, ``EvaluateRounds``; ``AnalyticHead`` (a closed-form
+head after any strategy) and ``warm_start`` (FedACnnL, then gradient FL); the ν-step meta strategies.
 """
 
 from flwr_analytic.grid import InProcessGrid
+from flwr_analytic.strategies.analytic_head import AnalyticHead
 from flwr_analytic.strategies.checkpointing import Checkpointed
 from flwr_analytic.strategies.evaluation import (
     aggregate_personalized_evaluation,
@@ -29,12 +31,14 @@ from flwr_analytic.strategies.nu_step_meta import NuStepMetaFedAvg
 from flwr_analytic.strategies.pfedme import PFedMe
 from flwr_analytic.strategies.records import RoundLog, RoundRecord
 from flwr_analytic.strategies.utils import arrays_nbytes
+from flwr_analytic.strategies.warm_start import WarmStartResult, warm_start
 from flwr_analytic.strategies.wrapper import EvaluateRounds, SortedReplies, StrategyWrapper
 
 #: Former name of :func:`~flwr_analytic.strategies.utils.arrays_nbytes`.
 arrayrecord_nbytes = arrays_nbytes
 
 __all__ = [
+    "AnalyticHead",
     "Checkpointed",
     "EvaluateRounds",
     "FedACnnL",
@@ -49,6 +53,7 @@ __all__ = [
     "RoundRecord",
     "SortedReplies",
     "StrategyWrapper",
+    "WarmStartResult",
     "aggregate_personalized_evaluation",
     "arrayrecord_nbytes",
     "arrays_nbytes",
@@ -60,4 +65,5 @@ __all__ = [
     "run_fedacnnl",
     "run_meta",
     "run_meta_in_process",
+    "warm_start",
 ]

@@ -27,13 +27,16 @@ class NodesUnavailableError(RuntimeError):
 
 def wait_for_nodes(grid: Grid, min_available: int, timeout: float, poll: float = 1.0) -> list[int]:
     """The connected node ids (grid order) once ``min_available`` are, or after ``timeout`` s."""
-    deadline = time.monotonic() + max(0.0, timeout)
+    deadline, next_log = time.monotonic() + max(0.0, timeout), 0.0
     while len(nodes := list(grid.get_node_ids())) < min_available:
-        left = deadline - time.monotonic()
+        now = time.monotonic()
+        left = deadline - now
         if left <= 0:
             break
-        log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d; %.0f s "
-            "left of availability-timeout)", len(nodes), min_available, left)  # fmt: skip
+        if now >= next_log:  # every 10 s, not every poll
+            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d; %.0f s "
+                "left of availability-timeout)", len(nodes), min_available, left)  # fmt: skip
+            next_log = now + 10.0
         time.sleep(min(poll, left))
     return nodes
 

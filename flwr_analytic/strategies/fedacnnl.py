@@ -377,7 +377,7 @@ class FedACnnL(Strategy):
             return None
         record = self.history.open(server_round, "evaluate")
         record.num_replies = len(replies)
-        good, rejected = evaluation_replies(self.server.owners.owner, replies)
+        good, rejected = evaluation_replies(self.server.owners, replies)
         for node, reason in rejected:
             self._reject(record, node, reason)
         metrics = self.evaluate_metrics_aggr_fn(good, self.weighted_by_key) if good else None

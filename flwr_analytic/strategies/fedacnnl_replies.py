@@ -19,6 +19,7 @@ from flwr.common import log
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from flwr_analytic.analytic import LayerStatistics, StatisticsError
+from flwr_analytic.analytic.ownership import PartitionOwners
 from flwr_analytic.analytic.server import ClientKey, LayerOutcome, LayerwiseServer
 from flwr_analytic.fedacnnl import protocol as P
 
@@ -130,12 +131,12 @@ def error_reply(msg: Message) -> tuple[str, int | None]:
 
 
 def evaluation_replies(
-    owners: Mapping[int, int], replies: list[Message]
+    owners: PartitionOwners, replies: list[Message]
 ) -> tuple[list[Any], list[tuple[int, str]]]:
     """The evaluation replies to aggregate, each partition once; and the rejected ``(node, why)``.
 
-    A reply is rejected for an error, or for a partition held by another node (``owners``: the
-    partition's node since training) or already counted (sorted by node id).
+    A reply is rejected for an error, for a ``num-partitions`` other than the run's, or for a
+    partition held by another node (its owner since training) or already counted (by node id).
     """
     good, rejected, counted = [], [], set()
     for msg in sorted(replies, key=lambda m: int(m.metadata.src_node_id)):
@@ -144,9 +145,14 @@ def evaluation_replies(
             rejected.append((node, str(msg.error.reason)))
             continue
         metrics = next(iter(msg.content.metric_records.values()), {})
+        claimed = metrics.get(P.NUM_PARTITIONS, 0)
+        if owners.num_partitions and claimed and int(claimed) != owners.num_partitions:
+            rejected.append((node, f"num-partitions={claimed} disagrees with the run's "
+                                   f"{owners.num_partitions}: not evaluated"))  # fmt: skip
+            continue
         pid = metrics.get(P.PARTITION_ID, -1)
         pid = int(pid) if isinstance(pid, int | float) and pid >= 0 else None
-        owner = owners.get(pid) if pid is not None else None
+        owner = owners.owner.get(pid) if pid is not None else None
         if pid is not None and ((owner is not None and owner != node) or pid in counted):
             holder = f"held by node {owner}" if owner not in (None, node) else "already counted"
             rejected.append((node, f"duplicate partition-id {pid} ({holder}): counted once"))

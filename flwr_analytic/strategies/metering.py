@@ -161,7 +161,10 @@ def round_line(record: RoundRecord, num_layers: int | None, label: str, errors: 
     else:
         head = label
     valid = details.get("num-valid", record.num_replies - errors)
-    rejected = len(details["rejected"]) if "rejected" in details else errors
+    # a strategy that counts valid replies also lists every rejection (the SuperLink's errors for
+    # nodes that are gone are missing replies, not rejected ones)
+    counted = "rejected" in details or "num-valid" in details
+    rejected = len(details.get("rejected", [])) if counted else errors
     parts = [f"{valid}/{record.num_sent} clients", f"{rejected} rejected"]
     if record.num_replies < record.num_sent:
         parts.append(f"{record.num_sent - record.num_replies} missing")
