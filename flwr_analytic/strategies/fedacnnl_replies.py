@@ -131,13 +131,16 @@ def error_reply(msg: Message) -> tuple[str, int | None]:
 
 
 def evaluation_replies(
-    owners: PartitionOwners, replies: list[Message]
+    owners: PartitionOwners | Mapping[int, int], replies: list[Message]
 ) -> tuple[list[Any], list[tuple[int, str]]]:
     """The evaluation replies to aggregate, each partition once; and the rejected ``(node, why)``.
 
     A reply is rejected for an error, for a ``num-partitions`` other than the run's, or for a
     partition held by another node (its owner since training) or already counted (by node id).
+    ``owners``: the run's :class:`PartitionOwners`, or a plain partition → node map.
     """
+    owner_map = owners.owner if isinstance(owners, PartitionOwners) else owners
+    agreed = owners.num_partitions if isinstance(owners, PartitionOwners) else None
     good, rejected, counted = [], [], set()
     for msg in sorted(replies, key=lambda m: int(m.metadata.src_node_id)):
         node = int(msg.metadata.src_node_id)
@@ -146,13 +149,13 @@ def evaluation_replies(
             continue
         metrics = next(iter(msg.content.metric_records.values()), {})
         claimed = metrics.get(P.NUM_PARTITIONS, 0)
-        if owners.num_partitions and claimed and int(claimed) != owners.num_partitions:
+        if agreed and claimed and int(claimed) != agreed:
             rejected.append((node, f"num-partitions={claimed} disagrees with the run's "
-                                   f"{owners.num_partitions}: not evaluated"))  # fmt: skip
+                                   f"{agreed}: not evaluated"))  # fmt: skip
             continue
         pid = metrics.get(P.PARTITION_ID, -1)
         pid = int(pid) if isinstance(pid, int | float) and pid >= 0 else None
-        owner = owners.owner.get(pid) if pid is not None else None
+        owner = owner_map.get(pid) if pid is not None else None
         if pid is not None and ((owner is not None and owner != node) or pid in counted):
             holder = f"held by node {owner}" if owner not in (None, node) else "already counted"
             rejected.append((node, f"duplicate partition-id {pid} ({holder}): counted once"))
