@@ -25,13 +25,11 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 from threadpoolctl import threadpool_limits
 from torch import nn
 
@@ -47,9 +45,9 @@ from flwr_analytic.analytic.head import (
     personal_head,
     prepared_model,
 )
-from flwr_analytic.clients.fedacnnl_client import PartitionLoader
+from flwr_analytic.clients.fedacnnl_client import PartitionLoader, guarded_reply
 from flwr_analytic.clients.fedacnnl_local import ClientData, as_client_data, num_samples
-from flwr_analytic.clients.fedacnnl_project import partition_from_load_data
+from flwr_analytic.clients.fedacnnl_project import partition_loader
 from flwr_analytic.fedacnnl import protocol as P
 
 #: The action of the head's messages: ``train.analytic_head``, ``evaluate.analytic_head``.
@@ -157,16 +155,11 @@ class AnalyticHeadHandlers:
         handler: Callable[[Message, Context], Message], msg: Message, context: Context
     ) -> Message:
         threads = _threads(context)
-        try:
-            if threads > 0:
-                torch.set_num_threads(threads)
-                with threadpool_limits(threads, user_api="blas"):
-                    return handler(msg, context)
-            return handler(msg, context)
-        except Exception as exc:  # noqa: BLE001 - every failure is reported, with its partition
-            reason = P.client_error_reason(_partition_id(context), exc)
-            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-            return Message(error, reply_to=msg)
+        if threads <= 0:
+            return guarded_reply(handler, msg, context)
+        torch.set_num_threads(threads)
+        with threadpool_limits(threads, user_api="blas"):
+            return guarded_reply(handler, msg, context)
 
     def statistics(
         self,
@@ -290,12 +283,7 @@ def add_analytic_head_handlers(
         ``app`` itself.
 
     """
-    if (load_data is None) == (load_partition is None):
-        raise ValueError(
-            "give exactly one of load_data(partition_id, num_partitions) and load_partition(context)"
-        )
-    if load_partition is None:
-        load_partition = partition_from_load_data(load_data)
+    load_partition = partition_loader(load_data, load_partition)
     head_module(model if isinstance(model, nn.Module) else model(), head)  # fail at build time
     handlers = AnalyticHeadHandlers(load_partition, model, head, (image_key, label_key), cache)
     app.train(ACTION)(handlers.train)

@@ -144,6 +144,22 @@ def _partition(
     return _CACHE[key]
 
 
+def guarded_reply(
+    handler: Callable[[Message, Context], Message], msg: Message, context: Context
+) -> Message:
+    """``handler(msg, context)``, or an error reply whose reason names this node's partition.
+
+    Any failure (a data loader, a model, bad input) gives the reason
+    :func:`~flwr_analytic.fedacnnl.protocol.client_error_reason` (``partition-id=<k>: ...``).
+    """
+    try:
+        return handler(msg, context)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, with its partition
+        reason = P.client_error_reason(_partition_id(context), exc)
+        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+        return Message(error, reply_to=msg)
+
+
 def _set_threads(cfg: RunConfig) -> None:
     threads = int(cfg["client-threads"])
     if threads > 0 and torch.get_num_threads() != threads:
@@ -293,12 +309,7 @@ class FedACnnLHandlers:
         :func:`~flwr_analytic.fedacnnl.protocol.client_error_reason`, so the server can name the
         failed partition and not only the node.
         """
-        try:
-            return handler(msg, context)
-        except Exception as exc:  # noqa: BLE001 - every failure is reported, with its partition
-            reason = P.client_error_reason(_partition_id(context), exc)
-            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-            return Message(error, reply_to=msg)
+        return guarded_reply(handler, msg, context)
 
     def train_reply(self, msg: Message, context: Context) -> Message:
         """Reply to a FedACnnL training message with the requested layer's packed statistics.
@@ -396,6 +407,7 @@ def make_fedacnnl_client_app(
 
 __all__ = [
     "ACTION",
+    "guarded_reply",
     "FedACnnLHandlers",
     "PartitionLoader",
     "evaluate_global_and_personal",

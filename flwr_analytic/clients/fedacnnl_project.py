@@ -56,18 +56,25 @@ def add_fedacnnl_handlers(
         ``app`` itself.
 
     """
-    if (load_data is None) == (load_partition is None):
-        raise ValueError(
-            "give exactly one of load_data(partition_id, num_partitions) and load_partition(context)"
-        )
-    if load_partition is None:
-        load_partition = partition_from_load_data(load_data)
+    load_partition = partition_loader(load_data, load_partition)
     handlers = FedACnnLHandlers(
         load_partition, cache, None, model, (image_key, label_key), own_keys_only=True
     )
     app.train(ACTION)(handlers.train)
     app.evaluate(ACTION)(handlers.evaluate)
     return app
+
+
+def partition_loader(
+    load_data: Callable[[int, int], tuple[Any, Any]] | None,
+    load_partition: PartitionLoader | None,
+) -> PartitionLoader:
+    """The ``load_partition(context)`` of exactly one of ``load_data`` and ``load_partition``."""
+    if (load_data is None) == (load_partition is None):
+        raise ValueError(
+            "give exactly one of load_data(partition_id, num_partitions) and load_partition(context)"
+        )
+    return load_partition or partition_from_load_data(load_data)
 
 
 def partition_from_load_data(load_data: Callable[[int, int], tuple[Any, Any]]) -> PartitionLoader:
@@ -87,4 +94,4 @@ def partition_from_load_data(load_data: Callable[[int, int], tuple[Any, Any]]) -
     return load_partition
 
 
-__all__ = ["add_fedacnnl_handlers", "partition_from_load_data"]
+__all__ = ["add_fedacnnl_handlers", "partition_from_load_data", "partition_loader"]
