@@ -84,6 +84,21 @@ def accuracy_table(evaluation: Mapping[str, Any]) -> list[str]:
     return [header, *lines]
 
 
+def lambda_line(evaluation: Mapping[str, Any], key: str = "personal-lambda") -> str | None:
+    """How many clients chose each pFedACnnL ρ (per-client λ), as one line; ``None`` without it.
+
+    E.g. ``pFedACnnL λ per client (ρ: clients): 0.01: 3, 0.1: 2, ∞ (global kept): 1`` from
+    ``key-values``, ``key-counts`` and ``key-global``
+    (:func:`~flwr_analytic.strategies.evaluation.lambda_distribution`).
+    """
+    if f"{key}-values" not in evaluation:
+        return None
+    pairs = zip(evaluation[f"{key}-values"], evaluation[f"{key}-counts"], strict=True)
+    cells = [f"{float(v):g}: {int(c)}" for v, c in pairs]
+    cells.append(f"∞ (global kept): {int(evaluation.get(f'{key}-global', 0))}")
+    return "pFedACnnL λ per client (ρ: clients): " + ", ".join(cells)
+
+
 def short_list(values: Iterable[Any], shown: int = 8) -> str:
     """``[3, 5, 9]``, or the first ``shown`` values and how many more (a log line stays short)."""
     values = list(values)
@@ -183,6 +198,7 @@ def _label_clients(ax: Any, x: np.ndarray, ids: np.ndarray) -> None:
 __all__ = [
     "accuracy_table",
     "client_summary",
+    "lambda_line",
     "per_client_accuracy",
     "short_list",
     "write_accuracy_png",

@@ -1,12 +1,14 @@
 """Analytic (gradient-free) layer-wise learning from sufficient statistics (no Flower imports).
 
 See :mod:`flwr_analytic.analytic.statistics` for ``(G, B, n)``, :mod:`~.solvers` for the closed forms,
-:mod:`~.targets` for hidden-layer schemes, :mod:`~.network` for the layered network and
-:mod:`~.privacy` for secure aggregation, differential privacy and the server's release policies.
+:mod:`~.targets` for hidden-layer schemes, :mod:`~.network` for the layered network,
+:mod:`~.personal_lambda` for each client's own pFedACnnL λ and :mod:`~.privacy` for secure
+aggregation, differential privacy and the server's release policies.
 """
 
 from flwr_analytic.analytic.design import StatisticsAccumulator, conv_rows
 from flwr_analytic.analytic.network import AnalyticNetwork, layer_seed
+from flwr_analytic.analytic.personal_lambda import AutoLambda, LambdaChoice, select_lambda
 from flwr_analytic.analytic.privacy.release import DPRelease, ExactRelease, ReleasePolicy
 from flwr_analytic.analytic.solvers import (
     IllConditionedWarning,
@@ -18,8 +20,10 @@ from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError, 
 from flwr_analytic.analytic.targets import SCHEMES, TargetScheme
 from flwr_analytic.analytic.training import (
     FederatedFit,
+    choose_output_lambda,
     fit_centralized,
     fit_federated,
+    output_design,
     personalize,
 )
 from flwr_analytic.analytic.updates import (
@@ -31,10 +35,12 @@ from flwr_analytic.analytic.updates import (
 __all__ = [
     "SCHEMES",
     "AnalyticNetwork",
+    "AutoLambda",
     "DPRelease",
     "ExactRelease",
     "FederatedFit",
     "IllConditionedWarning",
+    "LambdaChoice",
     "LayerStatistics",
     "Regularization",
     "ReleasePolicy",
@@ -42,14 +48,17 @@ __all__ = [
     "StatisticsError",
     "TargetScheme",
     "add_client_statistics",
+    "choose_output_lambda",
     "conv_rows",
     "fit_centralized",
     "fit_federated",
     "layer_seed",
     "merge",
+    "output_design",
     "personalize",
     "personalized_solve",
     "remove_client_statistics",
     "ridge_solve",
+    "select_lambda",
     "solve_output_layer",
 ]

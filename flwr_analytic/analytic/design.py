@@ -4,7 +4,8 @@ A layer's design matrix has one row per (sample, output position): an FC layer h
 per sample; a conv layer with kernel ``k`` has one im2col patch row ``[p, 1]`` (``p`` of length
 ``C_in·k²``, as :func:`torch.nn.functional.unfold` gives) per output position. The whole matrix is never
 held: each batch's rows are folded into ``G = AᵀA`` with a symmetric rank-k update (BLAS ``syrk``,
-half the flops of a general ``AᵀA``) and into ``B = AᵀT``. Targets are per *sample* and shared by all
+half the flops of a general ``AᵀA``; float32 batches use torch's GEMM) and into ``B = AᵀT``.
+Targets are per *sample* and shared by all
 of a sample's positions (the paper's pseudo-labels are repeated at every spatial position), so
 
     B = Σ_n (Σ_pos a_{n,pos}) t_nᵀ,
@@ -17,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.linalg.blas import dsyrk, ssyrk
+from scipy.linalg.blas import dsyrk
 
 from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError
 from flwr_analytic.models.architectures import ConvGeometry
@@ -65,20 +66,8 @@ class StatisticsAccumulator:
             ``(N, m)`` per-sample targets, repeated over the ``L`` rows; ``None`` when ``m = 0``.
 
         """
-        n, positions, p = patches.shape
-        if p != self.dim - 1:
-            raise StatisticsError(f"patches have {p} features, layer expects {self.dim - 1}")
-        dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
-        rows = patches.to(dtype).reshape(n * positions, p).contiguous().numpy()
-        # rows.T is Fortran-ordered (p, R): syrk computes (rows.T)(rows.T)ᵀ = rowsᵀrows, no copy.
-        if self.compute_dtype == "float64":
-            dsyrk(1.0, rows.T, beta=1.0, c=self._ptp, trans=0, lower=0, overwrite_c=1)
-        else:
-            self._ptp += ssyrk(1.0, rows.T, trans=0, lower=0)
-        sample_sums = rows.reshape(n, positions, p).sum(axis=1, dtype=np.float64)  # (N, p)
-        self._psum += sample_sums.sum(axis=0)
-        self._rows += n * positions
-        self._count += n
+        n, positions, _ = patches.shape
+        sample_sums = self._add_gram(patches)
         if self.targets:
             if targets is None:
                 raise StatisticsError(f"layer needs {self.targets} target columns, got none")
@@ -89,6 +78,42 @@ class StatisticsAccumulator:
                 )
             self._cross[:-1] += sample_sums.T @ t
             self._cross[-1] += positions * t.sum(axis=0)
+
+    def _add_gram(self, patches: torch.Tensor) -> np.ndarray:
+        """Fold ``(N, L, D − 1)`` rows into ``G`` and ``n``; returns the per-sample row sums (N, p)."""
+        n, positions, p = patches.shape
+        if p != self.dim - 1:
+            raise StatisticsError(f"patches have {p} features, layer expects {self.dim - 1}")
+        dtype = torch.float64 if self.compute_dtype == "float64" else torch.float32
+        tensor = patches.to(dtype).reshape(n * positions, p).contiguous()
+        rows = tensor.numpy()
+        # rows.T is Fortran-ordered (p, R): syrk computes (rows.T)(rows.T)ᵀ = rowsᵀrows, no copy.
+        if self.compute_dtype == "float64":
+            dsyrk(1.0, rows.T, beta=1.0, c=self._ptp, trans=0, lower=0, overwrite_c=1)
+        else:
+            # torch's float32 GEMM: for tall, narrow batches (conv patches, R ≫ p) OpenBLAS's
+            # ssyrk measured 0.93 s against 0.05 s here (36k x 108 rows, 2 cores).
+            self._ptp += (tensor.T @ tensor).numpy()
+        sample_sums = rows.reshape(n, positions, p).sum(axis=1, dtype=np.float64)  # (N, p)
+        self._psum += sample_sums.sum(axis=0)
+        self._rows += n * positions
+        self._count += n
+        return sample_sums
+
+    def add_assigned(self, patches: torch.Tensor, assigned: torch.Tensor) -> None:
+        """Add design rows ``(N, L, D − 1)``, each row with its own one-hot target.
+
+        Row ``r`` (of the ``N·L``, sample-major) has target ``e_{assigned[r]}``: ``B[:-1, k]`` gets
+        the sum of the rows assigned to ``k`` and ``B[-1, k]`` their count (the k-means
+        statistics of :mod:`flwr_analytic.analytic.whitening`); ``G`` and ``n`` as usual.
+        """
+        n, positions, p = patches.shape
+        self._add_gram(patches)
+        rows = patches.reshape(n * positions, p).double()
+        sums = torch.zeros(self.targets, p, dtype=torch.float64)
+        sums.index_add_(0, assigned.long(), rows)
+        self._cross[:-1] += sums.numpy().T
+        self._cross[-1] += np.bincount(assigned.numpy(), minlength=self.targets)
 
     def add_rows(self, rows: torch.Tensor, targets: np.ndarray | torch.Tensor | None) -> None:
         """Add FC design rows ``(N, D − 1)`` (one row per sample) and targets ``(N, m)``."""
@@ -104,6 +129,27 @@ class StatisticsAccumulator:
         gram[-1, :p] = self._psum
         gram[-1, -1] = self._rows
         return LayerStatistics(gram, self._cross.copy(), self._count)
+
+
+def contrast_normalize(patches: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-row contrast normalization ``p ← (p − p̄)/√(var(p) + ε)`` over the last axis.
+
+    The design rows of a conv layer with ``contrast`` set (the same map as
+    :class:`~flwr_analytic.models.ContrastConv2d`; Coates, Lee, Ng, AISTATS 2011).
+    """
+    centred = patches - patches.mean(-1, keepdim=True)
+    return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def grid_positions(patches: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
+    """The rows of ``patches`` (N, H·W, p) at positions ``(i, j)`` with ``i, j ≡ 0 (mod stride)``.
+
+    A data-independent subsample (the same on every client), so statistics over it stay a sum over
+    samples and federated equals centralized.
+    """
+    keep = torch.zeros(height, width, dtype=torch.bool)
+    keep[::stride, ::stride] = True
+    return patches[:, keep.reshape(-1), :]
 
 
 def conv_rows(x: torch.Tensor, kernel_size: int | ConvGeometry, padding: int = 0) -> torch.Tensor:

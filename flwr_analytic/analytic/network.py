@@ -20,13 +20,16 @@ import torch
 
 from flwr_analytic.analytic.design import (
     StatisticsAccumulator,
+    contrast_normalize,
     conv_rows,
     conv_to_weight,
+    grid_positions,
     weight_to_conv,
 )
 from flwr_analytic.analytic.solvers import Regularization, ridge_solve
 from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError
 from flwr_analytic.analytic.targets import TargetScheme, one_hot
+from flwr_analytic.analytic.whitening import AssignmentRound, KMeansFit
 from flwr_analytic.data.batches import iter_batches
 from flwr_analytic.models import Architecture, TracedArchitecture
 
@@ -121,6 +124,8 @@ class AnalyticNetwork:
         self.dtype = dtype
         self.module: torch.nn.Module = arch.build_module().to(_DTYPES[dtype]).eval()
         self.weights: list[np.ndarray | None] = [None] * arch.num_layers
+        #: The next layer's k-means while a ``zca-kmeans`` layer is being fitted (else ``None``).
+        self.kmeans: KMeansFit | AssignmentRound | None = None
 
     # ----------------------------------------------------------------------------------- shapes
     @property
@@ -137,10 +142,22 @@ class AnalyticNetwork:
         return self.arch.design_dim(layer)
 
     def num_targets(self, layer: int) -> int:
-        """Target columns ``m`` of ``layer``'s ``B``."""
+        """Target columns ``m`` of ``layer``'s ``B`` (in the layer's current round)."""
         if self.is_output(layer):
             return self.arch.num_classes
-        return self.schemes[layer].num_targets(self.arch.out_width(layer), self.arch.num_classes)
+        stage = self.stage if layer == self.solved_layers else 0
+        return self.schemes[layer].num_targets(
+            self.arch.out_width(layer), self.arch.num_classes, stage
+        )
+
+    @property
+    def stage(self) -> int:
+        """Round of the next layer's fit: 0, or ``t`` during k-means iteration ``t`` (1-based)."""
+        return 0 if self.kmeans is None else self.kmeans.iteration + 1
+
+    def rounds(self, layer: int) -> int:
+        """Statistics rounds ``layer`` takes (several for ``zca-kmeans``)."""
+        return 1 if self.is_output(layer) else self.schemes[layer].rounds
 
     def needs_statistics(self, layer: int) -> bool:
         """Whether ``layer`` is fitted from statistics (random layers are not)."""
@@ -188,11 +205,12 @@ class AnalyticNetwork:
         (``P = (H + 2p − k + 1)(W + 2p − k + 1)`` at stride 1). Honest statistics have
         ``G[-1, -1] = P n``.
         """
-        geometry = self.arch.conv_geometry(layer)
-        if geometry is None:
+        if self.arch.conv_geometry(layer) is None:
             return 1
-        _, h, w = self.arch.input_shape_of(layer)
-        h_out, w_out = geometry.output_size(h, w)
+        h_out, w_out = self._output_size(layer)
+        if self.kmeans is not None and layer == self.solved_layers:
+            stride = self.schemes[layer].sample_stride
+            return -(-h_out // stride) * -(-w_out // stride)
         return h_out * w_out
 
     @torch.no_grad()
@@ -227,23 +245,45 @@ class AnalyticNetwork:
             Maps each batch's targets ``(N, m)`` likewise (e.g. clipping to ``‖t‖ ≤ τ``).
 
         """
-        geometry = self.arch.conv_geometry(layer)
         acc = StatisticsAccumulator(self.design_dim(layer), self.num_targets(layer), self.dtype)
         if y is not None:
             y = np.asarray(y)
             if len(y) != len(x):
                 raise StatisticsError(f"{len(x)} samples but {len(y)} labels")
+        kmeans = self.kmeans if layer == self.solved_layers else None
         for xb, yb in self._batches(x, y, batch_size):
-            h = self.layer_input(layer, xb)
+            patches = self.design_rows(layer, xb)
+            if kmeans is not None:  # a Lloyd's round: each sampled row's nearest centroid
+                stride = self.schemes[layer].sample_stride
+                if self.arch.conv_geometry(layer) is not None:
+                    patches = grid_positions(patches, *self._output_size(layer), stride)
+                a = torch.from_numpy(kmeans.assignment()).to(patches.dtype)
+                assigned = (patches @ a[:-1] + a[-1]).argmax(-1).reshape(-1)
+                acc.add_assigned(patches if rows is None else rows(patches), assigned)
+                continue
             t = self.layer_targets(layer, yb) if acc.targets else None
             if t is not None and targets is not None:
                 t = targets(t)
-            if geometry is not None:
-                patches = conv_rows(h, geometry)
-            else:
-                patches = torch.flatten(h, 1)[:, None, :]
             acc.add_patches(patches if rows is None else rows(patches), t)
         return acc.result()
+
+    def design_rows(self, layer: int, x: Any) -> torch.Tensor:
+        """``layer``'s design rows of a batch, ``(N, P, D − 1)`` (the bias entry implicit).
+
+        Conv layers: im2col patches (:func:`conv_rows`), contrast-normalized when the layer says so
+        (:func:`contrast_normalize`); dense layers: the flattened input, ``P = 1``.
+        """
+        h = self.layer_input(layer, x)
+        geometry = self.arch.conv_geometry(layer)
+        if geometry is None:
+            return torch.flatten(h, 1)[:, None, :]
+        patches = conv_rows(h, geometry)
+        eps = self.arch.contrast(layer)
+        return patches if eps is None else contrast_normalize(patches, eps)
+
+    def _output_size(self, layer: int) -> tuple[int, int]:
+        _, h, w = self.arch.input_shape_of(layer)
+        return self.arch.conv_geometry(layer).output_size(h, w)  # type: ignore[union-attr]
 
     def _batches(self, x: Any, y: np.ndarray | None, batch_size: int) -> Iterable[tuple[Any, Any]]:
         """Batches of ``(x, y)`` arrays or of a data source, each checked against the input shape."""
@@ -259,10 +299,12 @@ class AnalyticNetwork:
     # ---------------------------------------------------------------------------- server half
     def solve(
         self, layer: int, stats: LayerStatistics | None, reg: Regularization | None = None
-    ) -> np.ndarray:
+    ) -> np.ndarray | None:
         """Fit ``layer`` from its summed statistics and install it; returns ``W`` (D x C_out).
 
-        Output layer: ``W = (G + γI)⁻¹ AᵀY``; hidden layers: the target scheme's rule.
+        Output layer: ``W = (G + γI)⁻¹ AᵀY``; hidden layers: the target scheme's rule. A layer fitted
+        over several rounds (``zca-kmeans``, :meth:`rounds`) returns ``None`` until its last round:
+        :attr:`stage` then says which statistics the next call needs.
 
         Parameters
         ----------
@@ -288,6 +330,21 @@ class AnalyticNetwork:
             if stats is None:
                 raise ValueError("the output layer needs its statistics")
             w = ridge_solve(stats.gram, stats.cross, self.output_reg if reg is None else reg)
+        elif self.schemes[layer].name == "zca-kmeans":
+            scheme = self.schemes[layer]
+            if stats is None:
+                raise ValueError("zca-kmeans needs the layer's statistics")
+            if self.kmeans is None:
+                seed = layer_seed(self.seed, layer)
+                self.kmeans = KMeansFit.start(stats, width, scheme.zca_eps, seed)
+            elif isinstance(self.kmeans, KMeansFit):
+                self.kmeans.step(stats)
+            else:
+                raise RuntimeError("a client's k-means round view cannot solve the layer")
+            if self.kmeans.iteration < scheme.iterations:
+                return None
+            w = self.kmeans.white.design(self.kmeans.centroids, scheme.threshold)
+            self.kmeans = None
         else:
             w = self.schemes[layer].weights(
                 stats,

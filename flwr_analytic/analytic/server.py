@@ -35,6 +35,7 @@ from flwr_analytic.analytic.aggregation import (
     SortedSum,
     StreamingSum,
 )
+from flwr_analytic.analytic.groups import cluster_by_labels
 from flwr_analytic.analytic.network import AnalyticNetwork
 from flwr_analytic.analytic.ownership import PartitionOwners
 from flwr_analytic.analytic.privacy.release import ExactRelease, ReleasePolicy
@@ -46,6 +47,7 @@ from flwr_analytic.analytic.updates import (
     remove_client_statistics,
     solve_output_layer,
 )
+from flwr_analytic.analytic.whitening import kmeans_restore, kmeans_state
 from flwr_analytic.models import Architecture
 
 
@@ -146,6 +148,13 @@ class LayerwiseServer:
         self.num_groups = int(num_groups)
         self.min_valid_replies = max(1, int(min_valid_replies))
         self.reset()
+        several = [i for i in range(self.net.num_layers) if self.net.rounds(i) > 1]
+        if several and self.release.name != "exact":
+            raise ValueError(
+                f"layer {several[0] + 1}/{self.net.num_layers}: zca-kmeans takes several rounds "
+                f"of centroid sums, which the {self.release.name!r} release does not cover; use "
+                "zca-random or zca-pca with it"
+            )
 
     # ------------------------------------------------------------------------------- state
     def reset(self) -> None:
@@ -189,8 +198,9 @@ class LayerwiseServer:
 
     @property
     def num_rounds(self) -> int:
-        """Rounds needed: one per layer fitted from statistics."""
-        return sum(self.net.needs_statistics(layer) for layer in range(self.net.num_layers))
+        """Rounds needed: one per layer fitted from statistics (``1 + iterations`` for k-means)."""
+        net = self.net
+        return sum(net.rounds(i) for i in range(net.num_layers) if net.needs_statistics(i))
 
     # ------------------------------------------------------------------ contributions, solve
     def check(
@@ -217,6 +227,11 @@ class LayerwiseServer:
                 raise StatisticsError(
                     f"statistics of layer {int(claimed_layer) + 1}/{n}, expected layer {layer + 1}/{n}"
                 )
+        stage = (metrics or {}).get("stage", 0)
+        if stage != self.net.stage:
+            raise StatisticsError(
+                f"statistics of round {stage} of the layer, expected {self.net.stage}"
+            )
         if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer):
             raise StatisticsError(f"num-examples must be an integer, got {num_examples!r}")
         dim, targets = self.net.design_dim(layer), self.net.num_targets(layer)
@@ -298,38 +313,30 @@ class LayerwiseServer:
         return outcome
 
     def solve(self, total: LayerStatistics, num_contributors: int) -> np.ndarray:
-        """Solve the current layer from the summed statistics of ``num_contributors`` clients."""
+        """Solve the current layer from the summed statistics of ``num_contributors`` clients.
+
+        A ``zca-kmeans`` layer returns ``None`` until its last round (:attr:`AnalyticNetwork.stage`).
+        """
         layer = self.layer
         w = self.release.solve(self.net, layer, total, num_contributors)
-        self.layer_statistics[layer] = total
-        self.advance_free_layers()
+        if w is not None:
+            self.layer_statistics[layer] = total
+            self.advance_free_layers()
         return w
 
     def solve_groups(self, members: list[tuple[ClientKey, LayerStatistics]]) -> list[list[int]]:
-        """Cluster contributors by label distribution; solve one output layer per group.
+        """Solve one output layer per group of contributors clustered by label distribution.
 
-        The bias row of the output layer's ``B_k`` is client ``k``'s label histogram, so no extra
-        data is needed (seeded k-means++ over the clients in key order, so the groups do not depend
-        on arrival order). Returns each group's members (partition ids, or node ids when
-        unknown).
+        :func:`~flwr_analytic.analytic.groups.cluster_by_labels`; returns each group's partition ids
+        (node ids when unknown).
         """
-        from scipy.cluster.vq import kmeans2
-
-        members = sorted(members, key=lambda kv: kv[0])  # arrival order must not matter
-        hist = np.array([stats.cross[-1] / max(stats.rows, 1.0) for _, stats in members])
-        k = min(self.num_groups, len(members))
-        _, labels = kmeans2(hist, k, minit="++", seed=np.random.default_rng(self.seed))
         self.group_of_node, weights, groups = {}, {}, []
-        for g in range(k):
-            group = [(key, stats) for (key, stats), lab in zip(members, labels) if lab == g]
-            if not group:
-                continue
+        for g, group in cluster_by_labels(members, self.num_groups, self.seed).items():
             total = merge(stats for _, stats in group)
             weights[g] = self.release.group_weights(self.net, total, len(group))
-            for key, _ in group:
-                self.group_of_node[key.node] = g
+            self.group_of_node.update({key.node: g for key, _ in group})
             groups.append([key.partition for key, _ in group])
-        self.group_weights = {g: weights[g] for g in sorted(weights)}
+        self.group_weights = weights
         return groups
 
     # ---------------------------------------------------------------- add / remove clients
@@ -371,7 +378,7 @@ class LayerwiseServer:
         """The configuration that determines the solved layers (compared when resuming)."""
         return {
             "architecture": self.net.arch.describe(),
-            "schemes": [[s.name, s.encoding] for s in self.net.schemes],
+            "schemes": [list(s.describe().values()) for s in self.net.schemes],
             "gamma": float(self.gamma),
             "hidden-gamma": float(self.hidden_gamma),
             "gamma-rule": self.gamma_rule,
@@ -393,6 +400,7 @@ class LayerwiseServer:
             arrays[f"count-{layer}"] = np.asarray([stats.count], dtype=np.int64)
         for group, w in self.group_weights.items():
             arrays[f"group-weight-{group}"] = w
+        arrays.update(kmeans_state(self.net))
         meta = {
             "solved-layers": self.net.solved_layers,
             "statistics-layers": sorted(self.layer_statistics),
@@ -417,6 +425,7 @@ class LayerwiseServer:
         self.group_of_node = {int(k): int(v) for k, v in meta["group-of-node"].items()}
         self.node_partitions = {int(k): int(v) for k, v in meta["node-partitions"].items()}
         self.owners = PartitionOwners.restore(meta.get("owners"))
+        self.net.kmeans = kmeans_restore(arrays)
         self.advance_free_layers()
 
 

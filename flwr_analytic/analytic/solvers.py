@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-RULES = ("relative", "absolute")
+RULES = ("relative", "absolute", "standardized")
+#: ``standardized``: added to every variance, relative to the largest one (constant columns).
+VARIANCE_FLOOR = 1e-12
 
 
 #: Reciprocal condition numbers (1-norm estimate) below this make a Cholesky solve fall back to
@@ -38,9 +40,12 @@ class Regularization:
     ----------
     value : float
         ``ρ`` (relative rule) or ``γ`` itself (absolute rule); must be >= 0.
-    rule : {"relative", "absolute"}
+    rule : {"relative", "absolute", "standardized"}
         ``relative``: ``γ = ρ · trace(G) / D`` (scale-free: the same ρ works for raw pixels and for
-        features of any magnitude); ``absolute``: ``γ = value``.
+        features of any magnitude); ``absolute``: ``γ = value``; ``standardized``: a diagonal
+        ridge ``γ_j = ρ · n · σ_j²`` from the column variances ``σ_j²`` in ``G`` (``n = G[-1, -1]``;
+        plus ``1e-12`` of the largest) and no penalty on the bias: exactly ridge ``ρ`` on
+        standardized features, for features of very different scales (wide pooled heads).
 
     """
 
@@ -65,10 +70,27 @@ class Regularization:
             )
 
     def amount(self, gram: np.ndarray) -> float:
-        """The ridge ``γ`` to add to ``gram``'s diagonal."""
+        """The ridge ``γ`` to add to ``gram``'s diagonal (scalar rules only)."""
+        if self.rule == "standardized":
+            raise ValueError(
+                "the standardized ridge is diagonal, not one γ: this solver needs the relative "
+                "or absolute rule"
+            )
         if self.rule == "absolute":
             return float(self.value)
         return float(self.value * np.trace(gram) / gram.shape[0])
+
+    def penalty(self, gram: np.ndarray) -> np.ndarray:
+        """The ridge added to ``gram``'s diagonal, per entry (``γ·1`` for the scalar rules)."""
+        if self.rule != "standardized":
+            return np.full(gram.shape[0], self.amount(gram))
+        n = gram[-1, -1]
+        if n <= 0:
+            raise ValueError("the standardized ridge needs statistics of at least one row")
+        mean = gram[:-1, -1] / n
+        var = np.maximum(np.diag(gram)[:-1] / n - mean**2, 0.0)
+        var = var + VARIANCE_FLOOR * max(float(var.max()), 1e-300)
+        return np.append(self.value * n * var, 0.0)
 
 
 def _solve_spd(matrix: np.ndarray, rhs: np.ndarray, what: str) -> np.ndarray:
@@ -109,7 +131,7 @@ def _solve_spd(matrix: np.ndarray, rhs: np.ndarray, what: str) -> np.ndarray:
 
 
 def ridge_solve(gram: np.ndarray, cross: np.ndarray, reg: Regularization) -> np.ndarray:
-    """``W = (G + γI)⁻¹ B`` with ``γ = reg.amount(G)``.
+    """``W = (G + Γ)⁻¹ B`` with ``Γ = diag(reg.penalty(G))`` (``γI`` for the scalar rules).
 
     Parameters
     ----------
@@ -126,8 +148,7 @@ def ridge_solve(gram: np.ndarray, cross: np.ndarray, reg: Regularization) -> np.
         ``W`` (D x m), float64.
 
     """
-    gamma = reg.amount(gram)
-    system = gram + gamma * np.eye(gram.shape[0])
+    system = gram + np.diag(reg.penalty(gram))
     return _solve_spd(system, cross, "ridge solve")
 
 
@@ -139,10 +160,10 @@ def personalized_solve(
     ``W_k = W_global + (G_k + λI)⁻¹(B_k − G_k W_global)`` (the same matrix, better conditioned in
     floating point when ``W_k`` is close to ``W_global``).
     """
-    lam = reg.amount(gram)
-    if lam <= 0:
+    lam = reg.penalty(gram)
+    if np.all(lam[:-1] <= 0):
         raise ValueError(
             "personalization needs λ > 0 (λ = 0 is the local ridge model: use ridge_solve)"
         )
-    system = gram + lam * np.eye(gram.shape[0])
+    system = gram + np.diag(lam)
     return w_global + _solve_spd(system, cross - gram @ w_global, "personalized solve")

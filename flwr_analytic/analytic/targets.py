@@ -27,6 +27,14 @@ Schemes
     Random features of the standardized input: ``w_j = r_j / σ`` (``r_j ~ N(0, I/(D−1))``, ``σ`` the
     per-input standard deviation from ``G``), bias ``−μ·w_j + b_j`` with ``b_j ~ N(0, 1)``; ``G`` only.
     With ReLU this approximates the arc-cosine kernel on standardized features (Cho & Saul 2009).
+``zca-random`` / ``zca-pca`` / ``zca-kmeans``
+    Filters on ZCA-whitened patches with the soft-threshold encoder ``max(0, cᵀx̃ − α)`` (Coates,
+    Lee, Ng, AISTATS 2011; Coates & Ng, ICML 2011): seeded random unit filters, whitened
+    principal directions, or federated Lloyd's k-means (``1 + iterations`` rounds for the layer:
+    ``G`` first, then one round of per-centroid sums and counts per iteration, on the patches at
+    a ``sample_stride`` grid of positions). See :mod:`flwr_analytic.analytic.whitening`; ZCA,
+    random and PCA are closed-form in ``G`` (federated = centralized), k-means equals
+    centralized Lloyd's iterations from the same seeded initialization.
 
 The output layer is always the ridge solution onto one-hot labels (:class:`OneHotOutput`).
 """
@@ -40,8 +48,18 @@ import numpy as np
 
 from flwr_analytic.analytic.solvers import IllConditionedWarning, Regularization, ridge_solve
 from flwr_analytic.analytic.statistics import LayerStatistics
+from flwr_analytic.analytic.whitening import Whitening, random_unit_filters, whitened_pca_filters
 
-SCHEMES = ("label-encoding", "pca", "label-pca", "random", "random-standardized")
+SCHEMES = (
+    "label-encoding",
+    "pca",
+    "label-pca",
+    "random",
+    "random-standardized",
+    "zca-kmeans",
+    "zca-random",
+    "zca-pca",
+)
 #: Variances at most this fraction of the largest one count as zero (constant / duplicated inputs).
 ZERO_VARIANCE = 1e-10
 ENCODINGS = ("orthonormal", "identity")
@@ -156,34 +174,70 @@ class TargetScheme:
 
     Parameters
     ----------
-    name : {"label-encoding", "pca", "label-pca", "random", "random-standardized"}
-        The scheme.
+    name : str
+        The scheme, one of :data:`SCHEMES`.
     encoding : {"orthonormal", "identity"}
         Label encoding ``M`` of ``label-encoding``.
+    zca_eps : float
+        ``zca-*``: whitening offset ``ε`` relative to the mean patch variance (0.1: Coates et al.).
+    threshold : float
+        ``zca-*``: the encoder's ``α`` (``max(0, cᵀx̃ − α)``); 0.25 as in Coates & Ng (2011).
+    iterations : int
+        ``zca-kmeans``: Lloyd's iterations (each one federated round).
+    sample_stride : int
+        ``zca-kmeans``: k-means sees the patches at every ``sample_stride``-th row and column.
 
     """
 
     name: str = "label-pca"
     encoding: str = "orthonormal"
+    zca_eps: float = 0.1
+    threshold: float = 0.25
+    iterations: int = 10
+    sample_stride: int = 6
 
     def __post_init__(self) -> None:
         if self.name not in SCHEMES:
             raise ValueError(f"unknown target scheme {self.name!r}; allowed: {', '.join(SCHEMES)}")
         if self.encoding not in ENCODINGS:
             raise ValueError(f"unknown encoding {self.encoding!r}; allowed: {', '.join(ENCODINGS)}")
+        if not (self.zca_eps > 0 and np.isfinite(self.zca_eps)):
+            raise ValueError(f"zca_eps must be a finite number > 0, got {self.zca_eps!r}")
+        if not np.isfinite(self.threshold):
+            raise ValueError(f"threshold must be finite, got {self.threshold!r}")
+        if int(self.iterations) != self.iterations or self.iterations < 1:
+            raise ValueError(f"iterations must be an integer >= 1, got {self.iterations!r}")
+        if int(self.sample_stride) != self.sample_stride or self.sample_stride < 1:
+            raise ValueError(f"sample_stride must be an integer >= 1, got {self.sample_stride!r}")
+
+    @property
+    def rounds(self) -> int:
+        """Statistics rounds the layer takes (``1 + iterations`` for ``zca-kmeans``, else 1)."""
+        return 1 + int(self.iterations) if self.name == "zca-kmeans" else 1
 
     @property
     def needs_statistics(self) -> bool:
         """Whether a federated round is needed for this layer (``random`` needs none)."""
         return self.name != "random"
 
-    def num_targets(self, width: int, num_classes: int) -> int:
-        """Target columns ``m`` a client must send in ``B``."""
+    def num_targets(self, width: int, num_classes: int, stage: int = 0) -> int:
+        """Target columns ``m`` a client must send in ``B`` (at round ``stage`` of the layer)."""
         if self.name == "label-encoding":
             return width
         if self.name == "label-pca":
             return min(num_classes, width)
+        if self.name == "zca-kmeans" and stage > 0:
+            return width
         return 0
+
+    def describe(self) -> dict:
+        """JSON-able; the ``zca-*`` options only for ``zca-*`` schemes (older ones stay unchanged)."""
+        out: dict = {"name": self.name, "encoding": self.encoding}
+        if self.name.startswith("zca-"):
+            out.update(zca_eps=self.zca_eps, threshold=self.threshold)
+        if self.name == "zca-kmeans":
+            out.update(iterations=self.iterations, sample_stride=self.sample_stride)
+        return out
 
     def targets(
         self, y: np.ndarray, num_classes: int, width: int, activation: str, seed: int
@@ -208,6 +262,17 @@ class TargetScheme:
             return ridge_solve(stats.gram, stats.cross, reg)
         if self.name == "random-standardized":
             return standardized_random_filters(stats, width, seed)
+        if self.name in ("zca-random", "zca-pca"):
+            white = Whitening.from_statistics(stats, self.zca_eps)
+            dim_in = white.zca.shape[0]
+            filters = (
+                random_unit_filters(width, dim_in, seed)
+                if self.name == "zca-random"
+                else whitened_pca_filters(white, width, seed)
+            )
+            return white.design(filters, self.threshold)
+        if self.name == "zca-kmeans":
+            raise ValueError("zca-kmeans is fitted over several rounds: use KMeansFit")
         if self.name == "pca":
             if width % 2:
                 raise ValueError(f"pca needs an even number of channels (± pairs), got {width}")

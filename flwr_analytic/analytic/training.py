@@ -4,19 +4,25 @@ FedACnnL (Gu et al., arXiv 2502.06915): for each layer ``l`` in order, every cli
 ``(G_k, B_k, n_k)`` with the shared layers ``< l``; the server sums them in a fixed order and solves.
 pFedACnnL: client ``k`` then solves ``W_{k,l} = (G_k + λI)⁻¹(B_k + λW_l)`` from the statistics it
 already has: no extra communication. These loops have no Flower in them; the Flower strategy and
-client app run the same steps over the network.
+client app run the same steps over the network. A client may choose its own output-layer λ by
+cross-validation on its own data (:mod:`~flwr_analytic.analytic.personal_lambda`, our addition):
+:func:`choose_output_lambda`, then ``personalize(..., output=choice)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 
 from flwr_analytic.analytic.network import AnalyticNetwork
+from flwr_analytic.analytic.personal_lambda import AutoLambda, LambdaChoice
 from flwr_analytic.analytic.solvers import Regularization, personalized_solve
 from flwr_analytic.analytic.statistics import LayerStatistics, merge
+from flwr_analytic.data.batches import iter_batches
 
 PERSONALIZE = ("last", "all")
 
@@ -31,7 +37,8 @@ class FederatedFit:
         ``client_statistics[k][l]``: what client ``k`` sent for layer ``l`` (kept client-side for
         personalization; ``None`` for layers fitted without statistics).
     upload_floats : list[int]
-        Floats uploaded per layer round by all clients together (packed triangles).
+        Floats uploaded per layer by all clients together (packed triangles; every round of a
+        several-round layer).
 
     """
 
@@ -44,8 +51,9 @@ def fit_centralized(
 ) -> AnalyticNetwork:
     """Train every layer on the pooled data (the reference the federated run must equal)."""
     for layer in range(net.solved_layers, net.num_layers):
-        stats = net.statistics(layer, x, y, batch_size) if net.needs_statistics(layer) else None
-        net.solve(layer, stats)
+        while net.solved_layers == layer:  # one pass per round of the layer (k-means: several)
+            stats = net.statistics(layer, x, y, batch_size) if net.needs_statistics(layer) else None
+            net.solve(layer, stats)
     return net
 
 
@@ -75,13 +83,16 @@ def fit_federated(
                 kept.append(None)
             fit.upload_floats.append(0)
             continue
-        per_client = [
-            net.statistics(layer, x, y, bs) for (x, y), bs in zip(clients, sizes, strict=True)
-        ]
-        net.solve(layer, merge(s for s in per_client if s.count > 0))
+        floats = 0
+        while net.solved_layers == layer:  # one round per call (k-means layers take several)
+            per_client = [
+                net.statistics(layer, x, y, bs) for (x, y), bs in zip(clients, sizes, strict=True)
+            ]
+            net.solve(layer, merge(s for s in per_client if s.count > 0))
+            floats += sum(sum(a.size for a in s.pack().values()) for s in per_client)
         for kept, stats in zip(fit.client_statistics, per_client, strict=True):
             kept.append(stats)
-        fit.upload_floats.append(sum(sum(a.size for a in s.pack().values()) for s in per_client))
+        fit.upload_floats.append(floats)
     return fit
 
 
@@ -90,6 +101,8 @@ def personalize(
     statistics: Sequence[LayerStatistics | None],
     reg: Regularization,
     layers: str = "last",
+    *,
+    output: LambdaChoice | None = None,
 ) -> list[np.ndarray]:
     """pFedACnnL: one client's personalized weights from the statistics it sent.
 
@@ -97,16 +110,112 @@ def personalize(
     layer (``layers="last"``), and with ``layers="all"`` also label-encoding hidden layers and the
     label channels of label-pca layers. PCA and random filters stay global: they are not a regression
     onto the client's labels.
+
+    Parameters
+    ----------
+    net : AnalyticNetwork
+        The global network (every layer solved).
+    statistics : sequence of LayerStatistics or None
+        The client's ``(G_k, B_k, n_k)`` per layer (``None``: layer kept global).
+    reg : Regularization
+        λ of every personalized layer, or of the hidden ones only when ``output`` is given.
+    layers : {"last", "all"}
+        Which layers are personalized.
+    output : LambdaChoice, optional
+        The client's own output-layer λ (:func:`choose_output_lambda`): the output layer is
+        ``output.weights`` (``W_k(ρ*)``, or the global layer for ``ρ* = ∞``).
+
     """
     if layers not in PERSONALIZE:
         raise ValueError(f"layers must be one of {PERSONALIZE}, got {layers!r}")
     out = [np.asarray(w).copy() for w in net.weights]  # type: ignore[arg-type]
-    chosen = range(net.num_layers) if layers == "all" else [net.num_layers - 1]
+    last = net.num_layers - 1
+    chosen = range(net.num_layers) if layers == "all" else [last]
     for layer in chosen:
         stats = statistics[layer]
         m = net.num_targets(layer)
+        if layer == last and output is not None:
+            if output.weights.shape != out[last].shape:
+                raise ValueError(
+                    f"output weights {output.weights.shape} do not fit the layer {out[last].shape}"
+                )
+            out[last] = np.array(output.weights, dtype=np.float64)
+            continue
         if stats is None or stats.count == 0 or m == 0:
             continue
         w_global = out[layer]
         out[layer][:, :m] = personalized_solve(stats.gram, stats.cross, w_global[:, :m], reg)
     return out
+
+
+@torch.no_grad()
+def output_design(
+    net: AnalyticNetwork, x: Any, y: np.ndarray | None = None, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """The output layer's design rows ``A`` (n x D) and labels of ``(x, y)`` or a data source.
+
+    Row ``n`` is ``[h(x_n), 1]``: the input of the (dense) output layer, ``x_n`` forwarded through
+    the solved layers below, flattened, with the bias entry, as in the statistics
+    ``G = AᵀA``, ``B = AᵀT`` (:meth:`AnalyticNetwork.statistics`). float64; memory ``n·D``.
+
+    Parameters
+    ----------
+    net : AnalyticNetwork
+        Every layer below the output solved.
+    x, y : array-like, or a data source and ``None``
+        Samples and labels, or any source of :func:`~flwr_analytic.data.batches.iter_batches`.
+    batch_size : int
+        Samples per forward pass (array sources).
+
+    """
+    last = net.num_layers - 1
+    if net.arch.conv_geometry(last) is not None:
+        raise ValueError("the output layer is a convolution: its design rows are patches")
+    rows, labels = [], []
+    for xb, yb in iter_batches((x, y) if y is not None else x, batch_size):
+        h = torch.flatten(net.layer_input(last, xb), 1)
+        rows.append(h.to(torch.float64).numpy())
+        labels.append(np.asarray(yb, dtype=np.int64))
+    dim = net.design_dim(last)
+    a = np.concatenate(rows) if rows else np.zeros((0, dim - 1))
+    y_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+    return np.hstack([a, np.ones((len(a), 1))]), y_all
+
+
+def choose_output_lambda(
+    net: AnalyticNetwork,
+    x: Any,
+    y: np.ndarray | None = None,
+    *,
+    policy: AutoLambda | None = None,
+    statistics: LayerStatistics | None = None,
+    w_output: np.ndarray | None = None,
+    batch_size: int = 256,
+) -> LambdaChoice:
+    """A client's own output-layer λ by K-fold cross-validation on its training data ``(x, y)``.
+
+    :func:`~flwr_analytic.analytic.personal_lambda.select_lambda` on :func:`output_design`.
+
+    Parameters
+    ----------
+    net : AnalyticNetwork
+        The global network (every layer solved).
+    x, y : array-like, or a data source and ``None``
+        The client's training data.
+    policy : AutoLambda, optional
+        Grid, folds and seed (default ``AutoLambda()``).
+    statistics : LayerStatistics, optional
+        The client's output-layer statistics; the final ``W_k(ρ*)`` is solved from them (so it
+        equals :func:`personalize` at ``ρ*``); default: from the design rows.
+    w_output : numpy.ndarray, optional
+        The output layer to personalize (default the network's, e.g. a group's instead).
+    batch_size : int
+        Samples per forward pass.
+
+    """
+    policy = policy or AutoLambda()
+    a, labels = output_design(net, x, y, batch_size)
+    w = np.asarray(net.weights[-1] if w_output is None else w_output, dtype=np.float64)
+    if statistics is None:
+        return policy.select(a, labels, w)
+    return policy.select(a, labels, w, gram=statistics.gram, cross=statistics.cross)

@@ -337,6 +337,7 @@ class FedACnnLHandlers:
                 P.PARTITION_ID: pid,
                 P.NUM_PARTITIONS: int(context.node_config.get(P.NUM_PARTITIONS, 0)),
                 P.LAYER: layer,
+                **({P.STAGE: net.stage} if net.stage else {}),
                 "compute-time": time.perf_counter() - start,
                 **dp_metrics(dp),
             }

@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from flwr_analytic.analytic import AnalyticNetwork, LayerStatistics, personalize
+from flwr_analytic.analytic import (
+    AnalyticNetwork,
+    AutoLambda,
+    LambdaChoice,
+    LayerStatistics,
+    output_design,
+    personalize,
+)
 from flwr_analytic.data import ArrayDataset, from_hf_dataset
 from flwr_analytic.data.batches import LoaderData
 from flwr_analytic.fedacnnl import protocol as P
@@ -93,6 +100,7 @@ def layer_statistics(
         raise ValueError(f"layer {layer + 1} out of range 1..{net.num_layers}")
     check_data(net, train)
     P.install_layers(net, arrays, upto=layer)
+    P.install_round(net, arrays, config)
     stats = net.statistics(layer, *_xy(train), batch_size=int(config[P.BATCH_SIZE]))
     return net, stats
 
@@ -119,11 +127,16 @@ def evaluate_global_and_personal(
     output layer of the client's group, group-wise runs) the group model and its personalization
     are scored too (``group-*``, ``group-personal-*``).
 
+    With ``personal-lambda = "auto"`` in ``config`` the output layer's λ is the client's own
+    (:func:`choose_output_lambdas`: 5-fold validation on ``train``, one more forward pass over it,
+    no communication); hidden layers (``personalize-layers = "all"``) keep the fixed ``lam``.
+
     Returns
     -------
     (metrics, statistics)
         ``global-*`` / ``personal-*`` accuracy, loss and correct counts, ``num-examples`` (test
-        size), ``stats-reused``; and the statistics used per layer (to keep).
+        size), ``stats-reused``, with auto λ ``personal-lambda`` (the chosen ρ; ``inf``: the
+        global layer kept; ``group-personal-lambda`` likewise); and the statistics used per layer.
 
     """
     net = P.network_from_config(config, model)
@@ -144,19 +157,23 @@ def evaluate_global_and_personal(
             stats = net.statistics(layer, *_xy(train), batch_size=int(config[P.BATCH_SIZE]))
         per_layer[layer] = stats
         used[layer] = (digest, stats)
-    models = [
-        ("global", net),
-        ("personal", net.with_weights(personalize(net, per_layer, reg, which))),
-    ]
+    group = None
     if group_arrays:
         group = net.with_weights(net.weights)  # type: ignore[arg-type]
         last = net.num_layers - 1
         P.install_layers(group, {**_state_of(net), **dict(group_arrays)}, upto=last + 1)
-        models.append(("group", group))
-        models.append(
-            ("group-personal", group.with_weights(personalize(group, per_layer, reg, which)))
-        )
+    choices: dict[str, LambdaChoice | None] = {"personal": None, "group-personal": None}
+    if P.personal_lambda_mode(config) == "auto":
+        choices = choose_output_lambdas(config, net, group, train, per_layer[-1])
+    own = personalize(net, per_layer, reg, which, output=choices["personal"])
+    models = [("global", net), ("personal", net.with_weights(own))]
+    if group is not None:
+        own = personalize(group, per_layer, reg, which, output=choices["group-personal"])
+        models += [("group", group), ("group-personal", group.with_weights(own))]
     metrics: dict[str, float] = {"train-examples": num_samples(train)}
+    for prefix, choice in choices.items():
+        if choice is not None:
+            metrics[f"{prefix}-lambda"] = float(choice.rho)
     for prefix, scored in models:
         res = scored.evaluate(*_xy(test))
         metrics[P.NUM_EXAMPLES] = int(res["num-examples"])
@@ -169,6 +186,30 @@ def evaluate_global_and_personal(
     return metrics, used
 
 
+def choose_output_lambdas(
+    config: Mapping[str, Any],
+    net: AnalyticNetwork,
+    group: AnalyticNetwork | None,
+    train: ClientData,
+    statistics: LayerStatistics | None,
+) -> dict[str, LambdaChoice | None]:
+    """The client's own output-layer λ for the global (and group) layer, by 5-fold validation.
+
+    :func:`~flwr_analytic.analytic.personal_lambda.select_lambda` on the output layer's design rows
+    of ``train`` (folds seeded with the run seed), with the default grid
+    ``ρ ∈ {1e-4, …, 10, ∞}`` (relative rule); the final layer is solved from ``statistics``.
+    """
+    policy = AutoLambda(seed=int(config[P.SEED]))
+    design, labels = output_design(net, *_xy(train), batch_size=int(config[P.BATCH_SIZE]))
+    gram = None if statistics is None else statistics.gram
+    cross = None if statistics is None else statistics.cross
+    out: dict[str, LambdaChoice | None] = {"personal": None, "group-personal": None}
+    for key, model in (("personal", net), ("group-personal", group)):
+        if model is not None:
+            out[key] = policy.select(design, labels, model.weights[-1], gram=gram, cross=cross)
+    return out
+
+
 def _state_of(net: AnalyticNetwork) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in P.weights_state_dict(net).items()}
 
@@ -177,6 +218,7 @@ __all__ = [
     "ClientData",
     "as_client_data",
     "check_data",
+    "choose_output_lambdas",
     "evaluate_global_and_personal",
     "layer_statistics",
     "num_samples",

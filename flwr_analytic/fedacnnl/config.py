@@ -30,6 +30,7 @@ from flwr_analytic.config_checks import (
 )
 from flwr_analytic.data import DATASETS, PARTITIONERS
 from flwr_analytic.data.loaders import SPLITS
+from flwr_analytic.fedacnnl.protocol import PERSONAL_LAMBDA_MODES
 from flwr_analytic.meta.task import DATASET_SHAPES
 from flwr_analytic.models.architectures import ARCHITECTURES
 
@@ -93,6 +94,12 @@ RUN_CONFIG = ConfigTable(
         Param("gamma-rule", "relative", Options(RULES), "relative: γ·trace(G)/D; absolute: γ"),
         Param("lam", 0.1, _POS, "pFedACnnL λ: W_k = (G_k + λI)⁻¹(B_k + λW)"),
         Param("lam-rule", "relative", Options(RULES), "rule of λ, as gamma-rule"),
+        Param(  # per-client λ (issue 15)
+            "personal-lambda",
+            "fixed",
+            Options(PERSONAL_LAMBDA_MODES),
+            "output-layer λ: fixed (lam) or auto (each client: 5-fold validation, relative ρ)",
+        ),
         Param("personalize-layers", "last", Options(("last", "all")), "layers pFedACnnL adapts"),
         Param("seed", 0, _INT0, "seed of the split, random targets and sampling"),
         Param("dtype", "float64", Options(("float64", "float32")), "float32: faster, rounder"),

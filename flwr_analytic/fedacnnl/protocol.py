@@ -28,6 +28,7 @@ from torch import nn
 
 from flwr_analytic.analytic import AnalyticNetwork, Regularization, TargetScheme
 from flwr_analytic.analytic.network import design_to_params, params_to_design
+from flwr_analytic.analytic.whitening import AssignmentRound
 from flwr_analytic.models import (
     Architecture,
     ConvSpec,
@@ -42,6 +43,11 @@ ModelSource = nn.Module | Callable[[], nn.Module]
 
 #: ``ConfigRecord`` keys sent by the strategy.
 LAYER = "layer"
+#: Round of the layer's fit (``zca-kmeans``: 0 for ``G``, then Lloyd's iteration ``t``); the client
+#: echoes it in its reply's metrics. Sent only when > 0, so one-round layers' messages are unchanged.
+STAGE = "stage"
+#: The ``zca-kmeans`` assignment weights (D x K) of a Lloyd's round, beside the solved layers.
+ASSIGNMENT_KEY = "kmeans.assignment"
 ARCHITECTURE = "architecture"
 SCHEME = "scheme"
 SEED = "seed"
@@ -92,6 +98,9 @@ def architecture_to_json(arch: Architecture | TracedArchitecture) -> str:
     hidden = [
         {"type": "conv" if isinstance(s, ConvSpec) else "dense", **asdict(s)} for s in arch.hidden
     ]
+    for layer in hidden:  # unset options are left out, so older messages stay byte-identical
+        if layer.get("contrast", 0) is None:
+            del layer["contrast"]
     return json.dumps(
         {
             "name": arch.name,
@@ -145,13 +154,23 @@ def _traced_from(described: dict[str, Any], model: ModelSource | None) -> Traced
 
 
 def schemes_to_json(net: AnalyticNetwork) -> str:
-    """The per-hidden-layer target schemes of ``net`` as JSON ``[[name, encoding], ...]``."""
-    return json.dumps([[s.name, s.encoding] for s in net.schemes])
+    """The per-hidden-layer target schemes of ``net`` as JSON ``[[name, encoding], ...]``.
+
+    A ``zca-*`` scheme adds its options as a third element (``TargetScheme.describe``).
+    """
+    out = []
+    for scheme in net.schemes:
+        options = {k: v for k, v in scheme.describe().items() if k not in ("name", "encoding")}
+        out.append([scheme.name, scheme.encoding] + ([options] if options else []))
+    return json.dumps(out)
 
 
 def schemes_from_json(text: str) -> list[TargetScheme]:
     """Inverse of :func:`schemes_to_json`."""
-    return [TargetScheme(name, encoding) for name, encoding in json.loads(text)]
+    return [
+        TargetScheme(item[0], item[1], **(item[2] if len(item) > 2 else {}))
+        for item in json.loads(text)
+    ]
 
 
 def network_config(net: AnalyticNetwork, batch_size: int) -> dict[str, Any]:
@@ -186,6 +205,24 @@ def network_from_config(
 def personal_regularization(config: Mapping[str, Any]) -> Regularization:
     """Return pFedACnnL's λ rule from a strategy's evaluate config."""
     return Regularization(float(config[LAM]), str(config[LAM_RULE]))
+
+
+# ---- per-client λ (issue 15): how the output layer's λ is set; ConfigRecord and MetricRecord key
+#: ``fixed``: λ = ``lam`` for every client; ``auto``: each client picks its output layer's ρ by
+#: K-fold validation on its own data (:mod:`flwr_analytic.analytic.personal_lambda`).
+PERSONAL_LAMBDA = "personal-lambda"
+PERSONAL_LAMBDA_MODES = ("fixed", "auto")
+
+
+def personal_lambda_mode(config: Mapping[str, Any]) -> str:
+    """``fixed`` or ``auto``, from an evaluate config (``fixed`` when the server did not say)."""
+    mode = str(config.get(PERSONAL_LAMBDA, "fixed"))
+    if mode not in PERSONAL_LAMBDA_MODES:
+        raise ValueError(f"{PERSONAL_LAMBDA} must be one of {PERSONAL_LAMBDA_MODES}, got {mode!r}")
+    return mode
+
+
+# ---- end of per-client λ
 
 
 # -------------------------------------------------------------------------------------- weights
@@ -251,6 +288,34 @@ def install_layers(
         net.set_layer(count, params_to_design(values[0], values[1] if len(values) > 1 else None))
         count += 1
     return count
+
+
+def round_content(net: AnalyticNetwork) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """Config entries and arrays of the next layer's round beyond the solved layers.
+
+    Empty for one-round layers; during a ``zca-kmeans`` fit, ``stage`` and the assignment weights.
+    """
+    if net.stage == 0:
+        return {}, {}
+    weights = torch.from_numpy(np.ascontiguousarray(net.kmeans.assignment()))  # type: ignore[union-attr]
+    return {STAGE: net.stage}, {ASSIGNMENT_KEY: weights}
+
+
+def install_round(
+    net: AnalyticNetwork, arrays: Mapping[str, Any] | Sequence[Any], config: Mapping[str, Any]
+) -> None:
+    """Client side of :func:`round_content`: the k-means round's assignment weights, if any."""
+    stage = int(config.get(STAGE, 0))
+    if stage == 0:
+        return
+    if not isinstance(arrays, Mapping) or ASSIGNMENT_KEY not in arrays:
+        raise KeyError(f"a k-means round (stage {stage}) needs {ASSIGNMENT_KEY!r} in the arrays")
+    weights = np.asarray(arrays[ASSIGNMENT_KEY], dtype=np.float64)
+    layer = int(config[LAYER])
+    expected = (net.design_dim(layer), net.arch.out_width(layer))
+    if weights.shape != expected:
+        raise ValueError(f"{ASSIGNMENT_KEY} has shape {weights.shape}, expected {expected}")
+    net.kmeans = AssignmentRound(weights, stage - 1)
 
 
 def weights_list(net: AnalyticNetwork) -> list[np.ndarray]:

@@ -16,9 +16,19 @@ from torch import nn
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
 
 
+POOL_TYPES = ("max", "avg", "grid")
+
+
 @dataclass(frozen=True)
 class ConvSpec:
-    """``Conv2d(C_in, out_channels, kernel_size, padding)`` → activation → ``pool``×``pool`` pooling."""
+    """``Conv2d(C_in, out_channels, kernel_size, padding)`` → activation → pooling.
+
+    ``pool_type`` ``"max"`` / ``"avg"``: ``pool``×``pool`` windows; ``"grid"``: average over a
+    ``pool``×``pool`` grid of equal regions (``AdaptiveAvgPool2d(pool)``; ``pool = 2`` is the quadrant
+    pooling of Coates, Lee, Ng, AISTATS 2011). ``contrast``: when set, every patch is
+    contrast-normalized before the filters, ``p ← (p − p̄) / √(var(p) + contrast)`` (per patch, over
+    its ``C_in·k²`` entries; see :class:`ContrastConv2d`).
+    """
 
     out_channels: int
     kernel_size: int
@@ -26,6 +36,7 @@ class ConvSpec:
     activation: str = "relu"
     pool: int = 2
     pool_type: str = "max"
+    contrast: float | None = None
 
 
 @dataclass(frozen=True)
@@ -118,11 +129,17 @@ class Architecture:
             if isinstance(spec, ConvSpec):
                 if seen_dense:
                     raise ValueError(f"layer {i}: conv layers must precede dense layers")
-                if spec.pool_type not in ("max", "avg"):
-                    raise ValueError(f"layer {i}: pool_type must be 'max' or 'avg'")
+                if spec.pool_type not in POOL_TYPES:
+                    raise ValueError(f"layer {i}: pool_type must be one of {POOL_TYPES}")
+                if spec.contrast is not None and not spec.contrast > 0:
+                    raise ValueError(f"layer {i}: contrast must be > 0 or None")
                 c, h, w = cur
-                h = (h + 2 * spec.padding - spec.kernel_size + 1) // spec.pool
-                w = (w + 2 * spec.padding - spec.kernel_size + 1) // spec.pool
+                h = h + 2 * spec.padding - spec.kernel_size + 1
+                w = w + 2 * spec.padding - spec.kernel_size + 1
+                if spec.pool_type == "grid":
+                    h, w = (spec.pool, spec.pool) if min(h, w) >= spec.pool else (0, 0)
+                else:
+                    h, w = h // spec.pool, w // spec.pool
                 if h < 1 or w < 1:
                     raise ValueError(
                         f"{self.name}: layer {i} (kernel {spec.kernel_size}, pool {spec.pool}) does "
@@ -181,6 +198,11 @@ class Architecture:
         """Whether ``layer`` has a bias (always, for a spec architecture)."""
         return True
 
+    def contrast(self, layer: int) -> float | None:
+        """The patch contrast-normalization offset of a conv ``layer`` (``None``: off)."""
+        spec = self.spec(layer)
+        return spec.contrast if isinstance(spec, ConvSpec) else None
+
     def param_keys(self, layer: int) -> tuple[str, str | None]:
         """``state_dict`` keys of ``layer``'s weight and bias in :class:`SpecNet`."""
         return f"blocks.{layer}.op.weight", f"blocks.{layer}.op.bias"
@@ -195,8 +217,45 @@ class Architecture:
             "name": self.name,
             "input-shape": list(self.input_shape),
             "num-classes": self.num_classes,
-            "hidden": [{"type": type(s).__name__, **asdict(s)} for s in self.hidden],
+            "hidden": [_describe_spec(s) for s in self.hidden],
         }
+
+
+def _describe_spec(spec: LayerSpec) -> dict:
+    """A spec as a dict; ``contrast`` only when set (so older descriptions, and fingerprints, hold)."""
+    out = {"type": type(spec).__name__, **asdict(spec)}
+    if out.get("contrast", 0) is None:
+        del out["contrast"]
+    return out
+
+
+class ContrastConv2d(nn.Conv2d):
+    """A ``Conv2d`` that contrast-normalizes every patch before its filters.
+
+    With ``p̄`` and ``var(p)`` the mean and variance of the ``C_in·k²`` entries of the patch under an
+    output position: ``y = wᵀ(p − p̄·1)/√(var(p) + ε) + b``, computed as one batched GEMM of the
+    filters with the normalized patches (``unfold``), which writes the output once.
+    Patch normalization of Coates, Lee, Ng (AISTATS 2011); zero padding counts as pixels, as in
+    :func:`~flwr_analytic.analytic.design.conv_rows`. Parameters are those of ``Conv2d`` (stride 1,
+    no dilation, one group).
+    """
+
+    def __init__(self, *args, contrast: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.contrast = float(contrast)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        n, _, h, w = x.shape
+        patches = torch.nn.functional.unfold(x, self.kernel_size, padding=self.padding)
+        patches = patches - patches.mean(1, keepdim=True)  # (N, C·k², L)
+        patches = patches * torch.rsqrt(patches.pow(2).mean(1, keepdim=True) + self.contrast)
+        weight = self.weight.reshape(1, self.out_channels, -1).expand(n, -1, -1)
+        if self.bias is None:
+            out = torch.bmm(weight, patches)
+        else:
+            out = torch.baddbmm(self.bias[None, :, None], weight, patches)
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        return out.reshape(n, self.out_channels, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1)
 
 
 def activation_module(name: str) -> nn.Module:
@@ -235,11 +294,16 @@ class SpecNet(nn.Module):
         for layer in range(arch.num_layers):
             spec, shape = arch.spec(layer), arch.input_shape_of(layer)
             if isinstance(spec, ConvSpec):
-                op: nn.Module = nn.Conv2d(
-                    shape[0], spec.out_channels, spec.kernel_size, padding=spec.padding
+                args = (shape[0], spec.out_channels, spec.kernel_size)
+                op: nn.Module = (
+                    nn.Conv2d(*args, padding=spec.padding)
+                    if spec.contrast is None
+                    else ContrastConv2d(*args, padding=spec.padding, contrast=spec.contrast)
                 )
                 pool: nn.Module | None = None
-                if spec.pool > 1:
+                if spec.pool_type == "grid":
+                    pool = nn.AdaptiveAvgPool2d(spec.pool)
+                elif spec.pool > 1:
                     pool = (
                         nn.MaxPool2d(spec.pool)
                         if spec.pool_type == "max"
@@ -327,7 +391,31 @@ def cnn(
     return Architecture("cnn", tuple(input_shape), tuple(hidden), num_classes)
 
 
-ARCHITECTURES = {"linear": linear, "mlp": mlp, "lenet5": lenet5, "cnn": cnn}
+#: Coates et al.'s offset 10 for 0..255 pixels, on the package's [0, 1] images.
+CONTRAST = 10.0 / 255.0**2
+
+
+def coates(
+    input_shape: tuple[int, int, int],
+    num_classes: int = 10,
+    filters: int = 1600,
+    kernel: int = 6,
+    grid: int = 2,
+    contrast: float | None = CONTRAST,
+) -> Architecture:
+    """One wide layer of filters on contrast-normalized patches, grid-pooled, then the output.
+
+    Coates, Lee, Ng (AISTATS 2011): ``filters`` convolutions ``kernel``×``kernel`` (stride 1) on
+    contrast-normalized patches, ReLU (with the ``zca-*`` schemes' bias ``−α``, the soft-threshold
+    encoder ``max(0, cᵀx̃ − α)`` of Coates & Ng, ICML 2011), average pooling over a ``grid``×``grid``
+    grid (quadrants), then the linear output on ``grid²·filters`` features. Train it with a
+    ``zca-kmeans`` / ``zca-random`` hidden scheme and a standardized output ridge.
+    """
+    spec = ConvSpec(filters, kernel, 0, "relu", grid, "grid", contrast)
+    return Architecture("coates", tuple(input_shape), (spec,), num_classes)
+
+
+ARCHITECTURES = {"linear": linear, "mlp": mlp, "lenet5": lenet5, "cnn": cnn, "coates": coates}
 
 
 def get_architecture(

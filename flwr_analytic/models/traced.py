@@ -163,6 +163,10 @@ class TracedArchitecture:
         """Whether ``layer`` has a bias (without one, its bias row is solved as 0)."""
         return self.layers[layer].bias
 
+    def contrast(self, layer: int) -> float | None:
+        """Patch contrast normalization is not part of a traced model (``None``)."""
+        return None
+
     def param_keys(self, layer: int) -> tuple[str, str | None]:
         """The user's ``state_dict`` keys of ``layer``'s weight and bias (``None``: no bias)."""
         name = self.layers[layer].name

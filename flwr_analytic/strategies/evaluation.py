@@ -29,8 +29,9 @@ def aggregate_personalized_evaluation(
     For ``m`` in ``global-accuracy``, ``global-loss``, ``personal-accuracy``, ``personal-loss`` (and
     the ``group-*`` metrics when every client has them): :func:`client_summary` and ``m-clients``
     (per-client values ordered by ``partition-id``, listed in ``client-ids``). Also
-    ``num-clients``, ``num-examples`` and ``num-stats-reused``. Clients with an empty test set are
-    left out.
+    ``num-clients``, ``num-examples`` and ``num-stats-reused``; with per-client λ (run config
+    ``personal-lambda = "auto"``) the chosen ρ's distribution (:func:`lambda_distribution`).
+    Clients with an empty test set are left out.
     """
     rows = [m for m in _rows(records) if float(m[weighted_by_key]) > 0]
     if not rows:
@@ -44,9 +45,33 @@ def aggregate_personalized_evaluation(
         values = np.array([float(m[key]) for m in rows])
         out.update(client_summary(values, n, key))
         out[f"{key}-clients"] = [float(v) for v in values]
+    for key in (P.PERSONAL_LAMBDA, f"group-{P.PERSONAL_LAMBDA}"):
+        if all(key in m for m in rows):
+            out.update(lambda_distribution([float(m[key]) for m in rows], key))
     out["client-ids"] = [int(m.get(P.PARTITION_ID, -1)) for m in rows]
     out["num-stats-reused"] = int(sum(int(m.get("stats-reused", 0)) for m in rows))
     return MetricRecord(out)
+
+
+def lambda_distribution(values: list[float], key: str = P.PERSONAL_LAMBDA) -> dict[str, Any]:
+    """How many clients chose each pFedACnnL ``ρ`` (``∞``: the global output layer kept).
+
+    Returns
+    -------
+    dict
+        ``key-clients`` (each client's ρ, ``inf`` for the global layer; JSON writes it as ``null``),
+        ``key-values`` (the distinct finite ρ chosen, ascending), ``key-counts`` (clients per
+        value) and ``key-global`` (clients that kept the global layer).
+
+    """
+    chosen = np.asarray(values, dtype=float)
+    finite, counts = np.unique(chosen[np.isfinite(chosen)], return_counts=True)
+    return {
+        f"{key}-clients": [float(v) for v in chosen],
+        f"{key}-values": [float(v) for v in finite],
+        f"{key}-counts": [int(c) for c in counts],
+        f"{key}-global": int(np.sum(np.isinf(chosen))),
+    }
 
 
 def personalized_metrics_aggregation(
@@ -89,5 +114,6 @@ def personalized_metrics_aggregation(
 __all__ = [
     "aggregate_personalized_evaluation",
     "client_summary",
+    "lambda_distribution",
     "personalized_metrics_aggregation",
 ]

@@ -75,6 +75,8 @@ class FedACnnL(Strategy):
         ``relative`` scales the ridge / λ by ``trace(G)/D``.
     lam : float (default: 0.1)
         pFedACnnL's λ (> 0; λ → ∞ is the global model, λ → 0 the local ridge model).
+    personal_lambda : {"fixed", "auto"} (default: "fixed")
+        ``auto``: each client picks its output layer's λ by K-fold validation on its own data.
     personalize_layers : {"last", "all"} (default: "last")
         Personalize the output layer (the paper) or every layer that regresses onto labels.
     seed : int (default: 0)
@@ -133,6 +135,7 @@ class FedACnnL(Strategy):
         input_shape: tuple[int, ...] | None = None,
         lam: float = 0.1,
         lam_rule: str = "relative",
+        personal_lambda: str = "fixed",
         personalize_layers: str = "last",
         batch_size: int = 256,
         fraction_train: float = 1.0,
@@ -156,8 +159,8 @@ class FedACnnL(Strategy):
         check_fedacnnl_arguments({**locals(), **ANALYTIC_DEFAULTS, **analytic})
         self.server = LayerwiseServer(architecture, scheme, **analytic)
         self.architecture, self.scheme = architecture, scheme
-        self.lam, self.lam_rule, self.personalize_layers = lam, lam_rule, personalize_layers
-        self.batch_size = batch_size
+        self.lam, self.lam_rule, self.personal_lambda = lam, lam_rule, personal_lambda
+        self.personalize_layers, self.batch_size = personalize_layers, batch_size
         self.fraction_train, self.fraction_evaluate = fraction_train, fraction_evaluate
         self.min_train_nodes, self.min_available_nodes = min_train_nodes, min_available_nodes
         self.availability_timeout = float(availability_timeout)
@@ -215,9 +218,9 @@ class FedACnnL(Strategy):
         arch, s = self.architecture, self.server
         log(INFO, "\t├──> FedACnnL (arXiv 2502.06915): %s, %d layers", arch.name, arch.num_layers)
         log(INFO, "\t│\t├──Training rounds (one per fitted layer): %d", self.num_rounds)
-        log(INFO, "\t│\t├──Schemes %s | γ: output %g, hidden %g (%s) | λ: %g (%s), personalize %s",
+        log(INFO, "\t│\t├──Schemes %s | γ: output %g, hidden %g (%s) | λ: %g (%s, %s), personalize %s",
             [x.name for x in self.net.schemes], s.gamma, s.hidden_gamma, s.gamma_rule, self.lam,
-            self.lam_rule, self.personalize_layers)  # fmt: skip
+            self.lam_rule, self.personal_lambda, self.personalize_layers)  # fmt: skip
         log(INFO, "\t│\t└──aggregation %s, release %s, groups %d, seed %d, dtype %s",
             s.aggregation, s.release.name, s.num_groups, s.seed, s.dtype)  # fmt: skip
         log(INFO, "\t└──> Sampling: fraction train %.2f / evaluate %.2f, min nodes %d / %d / %d",
@@ -249,9 +252,10 @@ class FedACnnL(Strategy):
                                     f"layer {layer + 1}/{self.net.num_layers}")  # fmt: skip
         cfg = self._config(config, server_round)
         cfg[P.LAYER] = layer
-        content = RecordDict(
-            {self.arrayrecord_key: self.global_arrays(), self.configrecord_key: cfg}
-        )
+        extra_cfg, extra_arrays = P.round_content(self.net)  # a k-means layer's round
+        cfg.update(extra_cfg)
+        arrays_sent = ArrayRecord({**P.weights_state_dict(self.net), **extra_arrays})
+        content = RecordDict({self.arrayrecord_key: arrays_sent, self.configrecord_key: cfg})
         record = self.history.open(server_round, "train")
         record.num_sent, record.details["layer"] = len(node_ids), layer
         self._sent[server_round], self._connected = node_ids, set(grid.get_node_ids())
@@ -312,11 +316,8 @@ class FedACnnL(Strategy):
         outcome = self.server.close_layer()
         for key, reason in outcome.duplicates:
             self._reject(record, key.node, reason)
-        sent, known = (
-            self._sent.pop(server_round, []),
-            {**self.server.node_partitions, **failed_pids},
-        )
-        absent = name_absent(record, sent, replied, failed, known)
+        absent = name_absent(record, self._sent.pop(server_round, []), replied, failed,
+                             {**self.server.node_partitions, **failed_pids})  # fmt: skip
         if absent["num-missing"]:
             log(WARNING, "layer %d/%d: %d replies missing (timeout or disconnect): "
                 "partitions %s, nodes %s", layer + 1, self.net.num_layers, absent["num-missing"],
@@ -356,6 +357,7 @@ class FedACnnL(Strategy):
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluation")
         cfg, sent, messages = self._config(config, server_round), self.global_arrays(), []
         cfg[P.LAM], cfg[P.LAM_RULE] = float(self.lam), self.lam_rule
+        cfg[P.PERSONAL_LAMBDA] = self.personal_lambda
         for node_id in node_ids:
             content = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: cfg})
             group = self.server.group_of_node.get(node_id)

@@ -31,6 +31,7 @@ def check_fedacnnl_arguments(args: Mapping[str, Any]) -> None:
     for key, allowed in (
         ("gamma_rule", ("relative", "absolute")),
         ("lam_rule", ("relative", "absolute")),
+        ("personal_lambda", P.PERSONAL_LAMBDA_MODES),
         ("personalize_layers", ("last", "all")),
         ("dtype", ("float64", "float32")),
         ("aggregation", AGGREGATIONS),

@@ -178,6 +178,7 @@ class FedACnnLLegacy(LegacyStrategy):
         if core.fraction_evaluate == 0.0 or not core.finished:
             return []
         config = {**self._config(server_round), P.LAM: float(core.lam), P.LAM_RULE: core.lam_rule}
+        config[P.PERSONAL_LAMBDA] = core.personal_lambda
         clients = self._sample(client_manager, core.fraction_evaluate, core.min_evaluate_nodes)
         return [(client, EvaluateIns(self._arrays(), config)) for client in clients]
 

@@ -30,7 +30,7 @@ from flwr_analytic.fedacnnl.data import (
     split_from_config,
 )
 from flwr_analytic.models import build_module
-from flwr_analytic.report import accuracy_table, write_accuracy_png
+from flwr_analytic.report import accuracy_table, lambda_line, write_accuracy_png
 from flwr_analytic.strategies.checkpointing import Checkpointed
 from flwr_analytic.strategies.fedacnnl import FedACnnL
 from flwr_analytic.strategies.metering import Metered
@@ -49,7 +49,7 @@ def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
     return FedACnnL(
         architecture_for(cfg),
         str(cfg["scheme"]),
-        **cfg.kwargs("gamma", "hidden-gamma", "gamma-rule", "lam", "lam-rule"),
+        **cfg.kwargs("gamma", "hidden-gamma", "gamma-rule", "lam", "lam-rule", "personal-lambda"),
         **cfg.kwargs("personalize-layers", "seed", "dtype", "batch-size", "num-groups"),
         **cfg.kwargs("aggregation", "max-in-flight", "availability-timeout"),
         **sampling_options(cfg),
@@ -112,7 +112,7 @@ def run_fedacnnl(
     Notes
     -----
     Logs the table of global vs personalized accuracy (:func:`~flwr_analytic.report.accuracy_table`)
-    at the end.
+    at the end, and with per-client λ how many clients chose each ρ.
 
     """
     cfg = resolve_run_config(run_config)
@@ -158,6 +158,8 @@ def run_fedacnnl(
         summary["privacy"] = privacy
     for line in ["", *accuracy_table(evaluation)] if evaluation else []:
         log(INFO, "%s", line)
+    if lambda_line(evaluation):  # per-client λ (run config personal-lambda = "auto")
+        log(INFO, "%s", lambda_line(evaluation))
     results = Path(str(cfg["results-path"])) if cfg["results-path"] else None
     summary["report-png"] = (
         write_report(evaluation, results.with_suffix(".png")) if results else None
