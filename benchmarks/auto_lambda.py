@@ -29,6 +29,7 @@ the same count as a full forward pass).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 import warnings
@@ -170,7 +171,11 @@ def main() -> None:
     parser.add_argument("--blas-threads", type=int, default=1, help="BLAS threads (solves)")
     parser.add_argument("--quick", action="store_true", help="digits setups only")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--render", action="store_true", help="print the table of --out")
     args = parser.parse_args()
+    if args.render:
+        print_table(json.loads(Path(args.out or RESULTS / "auto_lambda.json").read_text())["setups"])
+        return
     if args.quick:
         args.setups = [s for s in args.setups if s.startswith("digits")]
     out = Path(args.out) if args.out else RESULTS / "auto_lambda.json"

@@ -32,6 +32,8 @@ RENDERED = (
     ("personalization_lambda.py", "personalization_lambda.json"),
     ("scale.py", "scale.json"),
     ("dp_accuracy.py", "dp_accuracy.json"),
+    ("natural_images.py", "natural_images.json"),
+    ("auto_lambda.py", "auto_lambda.json"),
 )
 
 

@@ -91,3 +91,11 @@ def test_kmeans_refused_with_dp(digits):
 
     with pytest.raises(ValueError, match="zca-kmeans takes several rounds"):
         FedACnnL(_arch(digits), SCHEME, release=DPRelease(DPConfig(1.0, 2.0)))
+
+
+def test_kmeans_refused_by_the_legacy_strategies(digits):
+    from flwr_analytic.strategies.fedacnnl_legacy import FedACnnLLegacy
+
+    with pytest.raises(ValueError, match="needs the Message-API FedACnnL"):
+        FedACnnLLegacy(_arch(digits), SCHEME)
+    FedACnnLLegacy(_arch(digits), "zca-random")  # one round per layer: fine

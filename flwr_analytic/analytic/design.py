@@ -15,6 +15,8 @@ one small product per batch instead of one per row.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,9 @@ from scipy.linalg.blas import dsyrk
 
 from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError
 from flwr_analytic.models.architectures import ConvGeometry
+
+#: float32 design rows are multiplied in groups of at least this many (wide layers, small batches).
+FLUSH_ROWS = 2048
 
 
 class StatisticsAccumulator:
@@ -53,6 +58,15 @@ class StatisticsAccumulator:
         self._rows = 0
         self._cross = np.zeros((dim, targets))
         self._count = 0
+        self._pending: list[torch.Tensor] = []  # float32 rows not yet in the product
+        self._pending_rows = 0
+
+    def _flush(self) -> None:
+        """Fold the pending float32 rows into ``G`` with one GEMM (its product added in float64)."""
+        if self._pending:
+            rows = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._ptp += (rows.T @ rows).numpy()
+            self._pending, self._pending_rows = [], 0
 
     def add_patches(self, patches: torch.Tensor, targets: np.ndarray | torch.Tensor | None) -> None:
         """Add a batch of design rows grouped by sample.
@@ -92,8 +106,12 @@ class StatisticsAccumulator:
             dsyrk(1.0, rows.T, beta=1.0, c=self._ptp, trans=0, lower=0, overwrite_c=1)
         else:
             # torch's float32 GEMM: for tall, narrow batches (conv patches, R ≫ p) OpenBLAS's
-            # ssyrk measured 0.93 s against 0.05 s here (36k x 108 rows, 2 cores).
-            self._ptp += (tensor.T @ tensor).numpy()
+            # ssyrk measured 0.93 s against 0.05 s here (36k x 108 rows, 2 cores). Short batches
+            # of wide rows wait for FLUSH_ROWS rows: one D x D product and float64 sum per flush.
+            self._pending.append(tensor)
+            self._pending_rows += tensor.shape[0]
+            if self._pending_rows >= FLUSH_ROWS:
+                self._flush()
         sample_sums = rows.reshape(n, positions, p).sum(axis=1, dtype=np.float64)  # (N, p)
         self._psum += sample_sums.sum(axis=0)
         self._rows += n * positions
@@ -121,6 +139,7 @@ class StatisticsAccumulator:
 
     def result(self) -> LayerStatistics:
         """The accumulated statistics (a copy; accumulation may continue)."""
+        self._flush()
         p = self.dim - 1
         gram = np.empty((self.dim, self.dim))
         upper = np.triu(self._ptp)
@@ -193,3 +212,30 @@ def conv_to_weight(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Inverse of :func:`weight_to_conv`: stack ``Conv2d`` weight and bias into ``W`` (D x C_out)."""
     c_out = weight.shape[0]
     return np.vstack([weight.reshape(c_out, -1).T, bias[None, :]])
+
+
+def without_bias(stats: LayerStatistics) -> LayerStatistics:
+    """Statistics of a bias-free layer: the bias border of ``G`` zeroed (the count stays).
+
+    ``G`` becomes block diagonal, so the ridge solution's weight rows are the bias-free least
+    squares ``(G_xx + γI)⁻¹ B_x`` and PCA reads uncentred moments; the bias row is then set to 0.
+    """
+    gram = stats.gram.copy()
+    gram[:-1, -1] = 0.0
+    gram[-1, :-1] = 0.0
+    return LayerStatistics(gram, stats.cross, stats.count)
+
+
+def design_to_params(w: np.ndarray, geometry: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(weight, bias)`` of a ``Conv2d`` (``geometry`` given) or ``Linear`` from ``W`` (D x out)."""
+    if geometry is not None:
+        return weight_to_conv(w, geometry.in_channels, geometry.kernel)
+    return w[:-1].T, w[-1]
+
+
+def params_to_design(weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """Inverse of :func:`design_to_params` (a missing bias is a zero row)."""
+    bias = np.zeros(weight.shape[0]) if bias is None else bias
+    if weight.ndim == 4:
+        return conv_to_weight(weight, bias)
+    return np.vstack([weight.T, bias[None, :]])

@@ -12,19 +12,21 @@ Gu et al., arXiv 2502.06915.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from flwr_analytic.analytic.design import (
+from flwr_analytic.analytic.design import (  # noqa: F401  (re-exported: the params maps)
     StatisticsAccumulator,
     contrast_normalize,
     conv_rows,
-    conv_to_weight,
+    design_to_params,
     grid_positions,
-    weight_to_conv,
+    params_to_design,
+    without_bias,
 )
 from flwr_analytic.analytic.solvers import Regularization, ridge_solve
 from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError
@@ -39,33 +41,6 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 def layer_seed(seed: int, layer: int) -> int:
     """The seed of ``layer``'s random choices (encodings, random filters), derived from the run seed."""
     return int(np.random.SeedSequence([seed, layer]).generate_state(1)[0])
-
-
-def without_bias(stats: LayerStatistics) -> LayerStatistics:
-    """Statistics of a bias-free layer: the bias border of ``G`` zeroed (the count stays).
-
-    ``G`` becomes block diagonal, so the ridge solution's weight rows are the bias-free least
-    squares ``(G_xx + γI)⁻¹ B_x`` and PCA reads uncentred moments; the bias row is then set to 0.
-    """
-    gram = stats.gram.copy()
-    gram[:-1, -1] = 0.0
-    gram[-1, :-1] = 0.0
-    return LayerStatistics(gram, stats.cross, stats.count)
-
-
-def design_to_params(w: np.ndarray, geometry: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``(weight, bias)`` of a ``Conv2d`` (``geometry`` given) or ``Linear`` from ``W`` (D x out)."""
-    if geometry is not None:
-        return weight_to_conv(w, geometry.in_channels, geometry.kernel)
-    return w[:-1].T, w[-1]
-
-
-def params_to_design(weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """Inverse of :func:`design_to_params` (a missing bias is a zero row)."""
-    bias = np.zeros(weight.shape[0]) if bias is None else bias
-    if weight.ndim == 4:
-        return conv_to_weight(weight, bias)
-    return np.vstack([weight.T, bias[None, :]])
 
 
 def batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -251,12 +226,10 @@ class AnalyticNetwork:
             if len(y) != len(x):
                 raise StatisticsError(f"{len(x)} samples but {len(y)} labels")
         kmeans = self.kmeans if layer == self.solved_layers else None
+        stride = self.schemes[layer].sample_stride if kmeans is not None else 1
         for xb, yb in self._batches(x, y, batch_size):
-            patches = self.design_rows(layer, xb)
+            patches = self.design_rows(layer, xb, stride)
             if kmeans is not None:  # a Lloyd's round: each sampled row's nearest centroid
-                stride = self.schemes[layer].sample_stride
-                if self.arch.conv_geometry(layer) is not None:
-                    patches = grid_positions(patches, *self._output_size(layer), stride)
                 a = torch.from_numpy(kmeans.assignment()).to(patches.dtype)
                 assigned = (patches @ a[:-1] + a[-1]).argmax(-1).reshape(-1)
                 acc.add_assigned(patches if rows is None else rows(patches), assigned)
@@ -267,19 +240,32 @@ class AnalyticNetwork:
             acc.add_patches(patches if rows is None else rows(patches), t)
         return acc.result()
 
-    def design_rows(self, layer: int, x: Any) -> torch.Tensor:
+    def design_rows(self, layer: int, x: Any, stride: int = 1) -> torch.Tensor:
         """``layer``'s design rows of a batch, ``(N, P, D − 1)`` (the bias entry implicit).
 
-        Conv layers: im2col patches (:func:`conv_rows`), contrast-normalized when the layer says so
+        Conv layers: im2col patches (:func:`conv_rows`; with ``stride > 1`` only the positions of
+        :func:`grid_positions`), contrast-normalized when the layer says so
         (:func:`contrast_normalize`); dense layers: the flattened input, ``P = 1``.
         """
         h = self.layer_input(layer, x)
         geometry = self.arch.conv_geometry(layer)
         if geometry is None:
             return torch.flatten(h, 1)[:, None, :]
+        if stride > 1:  # the grid positions i, j ≡ 0 (mod stride): the same filters at stride·s
+            sh, sw = geometry.stride
+            geometry = dataclasses.replace(geometry, stride=(sh * stride, sw * stride))
         patches = conv_rows(h, geometry)
         eps = self.arch.contrast(layer)
         return patches if eps is None else contrast_normalize(patches, eps)
+
+    @property
+    def eval_batch(self) -> int:
+        """Samples per prediction batch: 1,024, fewer when a conv output exceeds 2²⁶ values."""
+        convs = [i for i in range(self.num_layers) if self.arch.conv_geometry(i) is not None]
+        widest = max(
+            (self.arch.out_width(i) * np.prod(self._output_size(i)) for i in convs), default=1
+        )
+        return int(max(1, min(1024, 2**26 // widest)))
 
     def _output_size(self, layer: int) -> tuple[int, int]:
         _, h, w = self.arch.input_shape_of(layer)
@@ -378,10 +364,11 @@ class AnalyticNetwork:
 
     # ------------------------------------------------------------------------- use and export
     @torch.no_grad()
-    def predict(self, x: Any, batch_size: int = 1024) -> np.ndarray:
+    def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
         """Output scores (N x c) of the fully solved network on samples ``x`` or a data source."""
         if self.solved_layers != self.num_layers:
             raise RuntimeError(f"only {self.solved_layers} of {self.num_layers} layers are solved")
+        batch_size = batch_size or self.eval_batch
         if isinstance(x, np.ndarray | torch.Tensor):
             chunks = (x[sl] for sl in batches(len(x), batch_size))
         else:
@@ -399,7 +386,7 @@ class AnalyticNetwork:
         if y is not None and len(y) == 0:
             source: Iterable[tuple[Any, Any]] = ()
         else:
-            source = self._batches(x, y, 1024)
+            source = self._batches(x, y, self.eval_batch)
         for xb, yb in source:
             scores = self.predict(self._as_tensor(xb))
             correct += int(np.sum(scores.argmax(1) == yb))

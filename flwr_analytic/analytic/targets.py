@@ -193,7 +193,7 @@ class TargetScheme:
     encoding: str = "orthonormal"
     zca_eps: float = 0.1
     threshold: float = 0.25
-    iterations: int = 10
+    iterations: int = 5
     sample_stride: int = 6
 
     def __post_init__(self) -> None:

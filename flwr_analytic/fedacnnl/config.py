@@ -87,11 +87,17 @@ RUN_CONFIG = ConfigTable(
         Param("cnn-channels", "", IntList(), 'cnn: conv widths like "32,64" ("" = default)'),
         Param("cnn-dense", "", IntList(), 'cnn: dense widths like "128" ("" = none)'),
         Param("mlp-hidden", 0, _INT0, "mlp: hidden width (0 = default)"),
+        Param("coates-filters", 0, _INT0, "coates: number of filters (0 = default 1,600)"),
         # analytic learning
         Param("scheme", "label-pca", Options(SCHEMES), "targets of the hidden layers"),
         Param("gamma", 1e-6, _NONNEG, "ridge γ of the output layer"),
         Param("hidden-gamma", 1e-2, _NONNEG, "ridge of the hidden label regressions"),
-        Param("gamma-rule", "relative", Options(RULES), "relative: γ·trace(G)/D; absolute: γ"),
+        Param(
+            "gamma-rule",
+            "relative",
+            Options(RULES),
+            "relative: γ·tr(G)/D; absolute: γ; standardized: γ·n·σ²",
+        ),
         Param("lam", 0.1, _POS, "pFedACnnL λ: W_k = (G_k + λI)⁻¹(B_k + λW)"),
         Param("lam-rule", "relative", Options(RULES), "rule of λ, as gamma-rule"),
         Param(  # per-client λ (issue 15)

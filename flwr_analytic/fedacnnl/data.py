@@ -37,6 +37,8 @@ def architecture_for(cfg: Mapping[str, Any]) -> Architecture:
         kwargs["dense"] = int_list(cfg["cnn-dense"])
     if cfg["model"] == "mlp" and int(cfg["mlp-hidden"]) > 0:
         kwargs["hidden"] = int(cfg["mlp-hidden"])
+    if cfg["model"] == "coates" and int(cfg["coates-filters"]) > 0:
+        kwargs["filters"] = int(cfg["coates-filters"])
     return get_architecture(str(cfg["model"]), shape, classes, **kwargs)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from flwr_analytic.analytic import AnalyticNetwork, Regularization, TargetScheme
-from flwr_analytic.analytic.network import design_to_params, params_to_design
+from flwr_analytic.analytic.design import design_to_params, params_to_design
 from flwr_analytic.analytic.whitening import AssignmentRound
 from flwr_analytic.models import (
     Architecture,

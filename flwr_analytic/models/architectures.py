@@ -275,6 +275,8 @@ class LayerBlock(nn.Module):
         super().__init__()
         self.op = op
         self.act = activation_module(activation)
+        if isinstance(op, ContrastConv2d) and activation == "relu":
+            self.act = nn.ReLU(inplace=True)  # a wide layer's output is written once
         self.pool = pool if pool is not None else nn.Identity()
         self.flatten = flatten
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from flwr_analytic.analytic import AnalyticNetwork
 from flwr_analytic.analytic.server import AGGREGATIONS
+from flwr_analytic.analytic.solvers import RULES
 from flwr_analytic.config_checks import ConfigError, check_choice, check_number
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.models import Architecture, TracedArchitecture
@@ -29,8 +30,8 @@ def check_fedacnnl_arguments(args: Mapping[str, Any]) -> None:
     check_number("lam", args["lam"], low=0.0, low_open=True)  # λ → 0 is the local model
     check_number("pull_interval", args["pull_interval"], low=0.0, low_open=True)
     for key, allowed in (
-        ("gamma_rule", ("relative", "absolute")),
-        ("lam_rule", ("relative", "absolute")),
+        ("gamma_rule", RULES),
+        ("lam_rule", RULES),
         ("personal_lambda", P.PERSONAL_LAMBDA_MODES),
         ("personalize_layers", ("last", "all")),
         ("dtype", ("float64", "float32")),

@@ -53,6 +53,8 @@ class FedACnnLLegacy(LegacyStrategy):
         self.core = FedACnnL(*args, **kwargs)
         if self.core.server.num_groups >= 2:
             raise ValueError("group-wise models (num_groups >= 2) need the Message-API FedACnnL")
+        if any(self.core.net.rounds(i) > 1 for i in range(self.core.net.num_layers)):
+            raise ValueError("zca-kmeans (several rounds per layer) needs the Message-API FedACnnL")
         self.evaluation: dict[str, Any] = {}
 
     def __repr__(self) -> str:
