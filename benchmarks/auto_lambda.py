@@ -174,7 +174,9 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="print the table of --out")
     args = parser.parse_args()
     if args.render:
-        print_table(json.loads(Path(args.out or RESULTS / "auto_lambda.json").read_text())["setups"])
+        print_table(
+            json.loads(Path(args.out or RESULTS / "auto_lambda.json").read_text())["setups"]
+        )
         return
     if args.quick:
         args.setups = [s for s in args.setups if s.startswith("digits")]
