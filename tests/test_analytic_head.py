@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -172,6 +173,37 @@ def test_each_client_personal_head_is_pfedacnnl(head_run):
           f"{result.evaluate_metrics_clientapp[2]['eval_acc']:.4f}")  # fmt: skip
 
 
+def test_auto_lambda_heads_are_each_clients_own_validated_choice(head_run):
+    """``personal_lambda="auto"``: every client's head is ``select_lambda`` on its own features."""
+    from flwr_analytic.analytic.personal_lambda import select_lambda
+
+    grid, _, first, _ = head_run
+    strategy = AnalyticHead(
+        fedavg(), head="fc", gamma=GAMMA, personal_lambda="auto", min_train_nodes=NUM_NODES
+    )
+    result = strategy.start(grid, initial_arrays=first.arrays, num_rounds=0)
+    metrics = result.evaluate_metrics_clientapp[1]
+    ids, w = list(metrics["client-ids"]), strategy.weights
+    assert sorted(ids) == list(range(NUM_NODES))
+    chosen = []
+    for pid in range(NUM_NODES):
+        train, test = SPLIT.client(DIGITS, pid)
+        a = design(features(backbone(result.arrays), train.x))
+        choice = select_lambda(a, train.y, w, gram=a.T @ a, cross=a.T @ one_hot(train.y))
+        i = ids.index(pid)
+        assert metrics["personal-lambda-clients"][i] == choice.rho
+        scores = design(features(backbone(result.arrays), test.x))
+        acc = float(np.mean((scores @ choice.weights).argmax(1) == test.y))
+        assert metrics["personal-accuracy-clients"][i] == pytest.approx(acc, abs=1e-12)
+        chosen.append(choice.rho)
+    kept = metrics["personal-lambda-global"]
+    assert sum(metrics["personal-lambda-counts"]) + kept == NUM_NODES
+    assert kept == sum(np.isinf(chosen))
+    print(f"\nauto λ heads: ρ per client {chosen}; personal {metrics['personal-accuracy']:.4f}")
+    with pytest.raises(ValueError, match="personal_lambda: 'cv' is not allowed"):
+        AnalyticHead(fedavg(), head="fc", personal_lambda="cv")
+
+
 def test_random_feature_expansion_is_the_ridge_on_expanded_features(head_run):
     """``expansion``: the head of ``[h, relu(hRᵀ + r), 1]``, loadable with ``expand_head``."""
     grid, _, first, _ = head_run
@@ -204,7 +236,16 @@ def test_metered_outside_records_the_head_round(head_run):
 
     grid, _, first, _ = head_run
     strategy = Metered(AnalyticHead(fedavg(), head="fc", gamma=GAMMA, min_train_nodes=NUM_NODES))
-    result = strategy.start(grid, initial_arrays=first.arrays, num_rounds=0)
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        result = strategy.start(grid, initial_arrays=first.arrays, num_rounds=0)
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    # the head's round is past the loop's plan, and its line says so (not "round 1/0")
+    assert any(line.startswith("round 1 (after the 0 planned): 4/4 clients") for line in lines)
     records = {(r.round, r.kind): r for r in strategy.history}
     assert records[(1, "train")].num_sent == NUM_NODES
     assert records[(1, "train")].bytes_received > 0

@@ -127,6 +127,11 @@ def test_same_seed_same_choice_and_folds_are_a_balanced_permutation():
     assert (first.rho, first.correct) == (again.rho, again.correct)
     np.testing.assert_array_equal(first.weights, again.weights)
     assert AutoLambda(seed=4).select(a, y, w).correct == first.correct
+    # a data loader's shuffle does not change the choice: the folds follow the rows' values
+    perm = np.random.default_rng(5).permutation(len(y))
+    shuffled = select_lambda(a[perm], y[perm], w, seed=4)
+    assert (shuffled.rho, shuffled.correct) == (first.rho, first.correct)
+    np.testing.assert_allclose(shuffled.weights, first.weights, rtol=1e-10, atol=1e-12)
     fold = fold_assignment(103, 5, seed=9)
     np.testing.assert_array_equal(fold, fold_assignment(103, 5, seed=9))
     assert sorted(np.bincount(fold)) == [20, 20, 21, 21, 21]

@@ -18,6 +18,7 @@ head's parameters as ``weight = W[:-1]ᵀ`` and ``bias = W[-1]``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flwr_analytic.analytic.design import StatisticsAccumulator
+from flwr_analytic.analytic.personal_lambda import AutoLambda, LambdaChoice
 from flwr_analytic.analytic.solvers import Regularization, personalized_solve, ridge_solve
 from flwr_analytic.analytic.statistics import LayerStatistics
 from flwr_analytic.analytic.targets import one_hot
@@ -239,6 +241,32 @@ def head_statistics(
     return acc.result()
 
 
+def head_design(
+    model: nn.Module,
+    head: str,
+    data: Any,
+    expansion: tuple[torch.Tensor, torch.Tensor] | None = None,
+    activation: str = "relu",
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The head's design rows ``A = [h, (φ(h),) 1]`` (n x D, float64) and the labels of ``data``.
+
+    The rows whose ``AᵀA`` :func:`head_statistics` sums; memory ``n·D`` (for a client's K-fold
+    choice of λ, :func:`~flwr_analytic.analytic.personal_lambda.select_lambda`).
+    """
+    rows, labels = [], []
+    for h, y in iter_head_features(model, head, data, batch_size):
+        rows.append(expand(h, expansion, activation).numpy())
+        labels.append(np.asarray(y, dtype=np.int64))
+    if not rows:
+        width = head_module(model, head).in_features + (
+            0 if expansion is None else len(expansion[1])
+        )
+        return np.zeros((0, width + 1)), np.zeros(0, dtype=np.int64)
+    a = np.concatenate(rows)
+    return np.hstack([a, np.ones((len(a), 1))]), np.concatenate(labels)
+
+
 def solve_head(total: LayerStatistics, reg: Regularization, bias: bool = True) -> np.ndarray:
     """Global head ``W = (ΣG + γI)⁻¹ ΣB`` (``D × C``, Cholesky; :func:`ridge_solve`).
 
@@ -260,6 +288,31 @@ def personal_head(
         return personalized_solve(stats.gram, stats.cross, w_global, reg)
     w = personalized_solve(stats.gram[:-1, :-1], stats.cross[:-1], w_global[:-1], reg)
     return np.vstack([w, np.zeros((1, w.shape[1]))])
+
+
+def auto_personal_head(
+    design: np.ndarray,
+    labels: np.ndarray,
+    stats: LayerStatistics,
+    w_global: np.ndarray,
+    bias: bool = True,
+    policy: AutoLambda | None = None,
+) -> LambdaChoice:
+    """The client's pFedACnnL head with its own ρ, chosen by K-fold validation on its data.
+
+    :func:`~flwr_analytic.analytic.personal_lambda.select_lambda` on the head's design rows
+    (:func:`head_design`), ``ρ ∈ {1e-4, …, 10, ∞}`` (∞ keeps ``W``); the head is then
+    ``W_k = (G_k + λI)⁻¹(B_k + λW)`` on the client's full ``(G_k, B_k)`` at ``ρ*``. Without a bias
+    the ones column is left out and ``W_k[-1] = 0``, as in :func:`personal_head`.
+    """
+    policy = policy or AutoLambda()
+    if bias:
+        return policy.select(design, labels, w_global, gram=stats.gram, cross=stats.cross)
+    choice = policy.select(
+        design[:, :-1], labels, w_global[:-1], gram=stats.gram[:-1, :-1], cross=stats.cross[:-1]
+    )
+    weights = np.vstack([choice.weights, np.zeros((1, choice.weights.shape[1]))])
+    return dataclasses.replace(choice, weights=weights)
 
 
 def head_state(head: str, w: np.ndarray, bias: bool = True) -> dict[str, np.ndarray]:
@@ -345,6 +398,8 @@ __all__ = [
     "expand",
     "expand_head",
     "expansion_keys",
+    "auto_personal_head",
+    "head_design",
     "head_keys",
     "head_matrix",
     "head_module",

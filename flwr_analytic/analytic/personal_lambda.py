@@ -13,7 +13,9 @@ skewed ones. **Our addition** (not in the paper): each client picks its own λ f
 relative values ``ρ`` (``λ = ρ·trace(G)/D``, :class:`~flwr_analytic.analytic.solvers.Regularization`)
 plus ``ρ = ∞`` (keep ``W``), by K-fold cross-validation on its own training data:
 
-* the samples are assigned to ``K`` folds by a seeded permutation;
+* the samples, put in an order that depends on their values only (:func:`canonical_order`: the
+  same folds whatever order the client's data loader gave), are assigned to ``K`` folds by a
+  seeded permutation;
 * for fold ``f`` and each ``ρ``: ``W_{-f}(ρ) = personalized_solve(G − G_f, B − B_f, W, ρ)`` (``ρ``
   relative to ``trace(G − G_f)``), scored by the number of correct ``argmax`` predictions of
   ``A_f W_{-f}(ρ)`` on fold ``f``'s labels; ``ρ = ∞`` scores ``A_f W``;
@@ -152,6 +154,17 @@ def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
+def canonical_order(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A row order that depends on the rows' values only, not on the order they came in.
+
+    Rows sorted by label, then by their projection on a fixed pseudo-random direction (seed
+    ``0x5EED``): the folds of :func:`select_lambda` then do not depend on how the client's data
+    loader ordered its samples (a shuffled ``DataLoader`` gives the same choice in every run).
+    """
+    direction = np.random.default_rng(0x5EED).standard_normal(features.shape[1])
+    return np.lexsort((features @ direction, labels))
+
+
 def select_lambda(
     features: np.ndarray,
     labels: np.ndarray,
@@ -209,6 +222,9 @@ def select_lambda(
     n, dim = a.shape
     if n < folds:
         return LambdaChoice(GLOBAL, w.copy())
+    order = canonical_order(a, y)  # folds independent of the order the rows arrived in
+    given = a, y  # the full G_k, B_k below: summed in the given order, as the client's statistics
+    a, y = a[order], y[order]
     t = one_hot(y, w.shape[1])
     fold = fold_assignment(n, folds, seed)
     n_fit = n - int(np.bincount(fold, minlength=folds).min())
@@ -223,8 +239,9 @@ def select_lambda(
     rho = max(reversed(list(correct)), key=lambda r: correct[r])
     if math.isinf(rho):
         return LambdaChoice(GLOBAL, w.copy(), correct, n)
+    a, y = given
     gram = a.T @ a if gram is None else np.asarray(gram, dtype=np.float64)
-    cross = a.T @ t if cross is None else np.asarray(cross, dtype=np.float64)
+    cross = a.T @ one_hot(y, w.shape[1]) if cross is None else np.asarray(cross, dtype=np.float64)
     weights = personalized_solve(gram, cross, w, Regularization(rho))
     return LambdaChoice(rho, weights, correct, n)
 
@@ -284,6 +301,7 @@ __all__ = [
     "SOLVERS",
     "AutoLambda",
     "LambdaChoice",
+    "canonical_order",
     "check_grid",
     "fold_assignment",
     "select_lambda",

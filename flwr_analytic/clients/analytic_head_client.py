@@ -35,9 +35,11 @@ from torch import nn
 
 from flwr_analytic.analytic import LayerStatistics
 from flwr_analytic.analytic.head import (
+    auto_personal_head,
     backbone_digest,
     evaluate_heads,
     expansion_keys,
+    head_design,
     head_keys,
     head_matrix,
     head_module,
@@ -217,13 +219,17 @@ class AnalyticHeadHandlers:
         else:
             stats = self.statistics(model, train, config, expansion, activation)
         w = head_matrix(arrays, self.head)
-        reg = P.personal_regularization(config)
         bias = head_keys(self.head)[1] in arrays
-        heads = {"global": w, "personal": personal_head(stats, w, reg, bias)}
-        scores = evaluate_heads(
-            model, self.head, test, heads, expansion, activation, int(config[P.BATCH_SIZE])
-        )
+        batch_size = int(config[P.BATCH_SIZE])
         metrics: dict[str, Any] = {"train-examples": num_samples(train)}
+        if P.personal_lambda_mode(config) == "auto":  # this client's own ρ, by 5-fold validation
+            design, labels = head_design(model, self.head, train, expansion, activation, batch_size)
+            choice = auto_personal_head(design, labels, stats, w, bias)
+            personal, metrics[P.PERSONAL_LAMBDA] = choice.weights, float(choice.rho)
+        else:
+            personal = personal_head(stats, w, P.personal_regularization(config), bias)
+        heads = {"global": w, "personal": personal}
+        scores = evaluate_heads(model, self.head, test, heads, expansion, activation, batch_size)
         for name, res in scores.items():
             metrics[P.NUM_EXAMPLES] = int(res["num-examples"])
             metrics[f"{name}-accuracy"] = float(res["accuracy"])

@@ -18,6 +18,7 @@ from flwr_analytic.config_checks import (
     Text,
 )
 from flwr_analytic.data import PARTITIONERS
+from flwr_analytic.data.loaders import SPLITS
 from flwr_analytic.meta.local_training import HESSIAN_BATCH_POLICIES
 from flwr_analytic.meta.meta_gradient import MODES, step_cost
 from flwr_analytic.meta.task import DATASET_SHAPES
@@ -50,6 +51,7 @@ RUN_CONFIG = ConfigTable(
         Param("fraction-evaluate", 1.0, Interval(float, 0, 1), "share of nodes evaluated"),
         Param("min-nodes", 2, _INT1, "nodes needed to start a round"),
         Param("dataset", "digits", Options(DATASET_SHAPES), "data set"),
+        Param("data-split", "train", Options(SPLITS), "which split of the data set to partition"),
         Param("partitioner", "dirichlet", Options(PARTITIONERS), "how the data is split"),
         Param("dirichlet-alpha", 0.1, _POS, "Dirichlet concentration of the label split"),
         Param("min-partition-size", 20, _INT0, "resample the split until every part has this"),

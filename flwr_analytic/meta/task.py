@@ -34,13 +34,16 @@ def load_federation(
     min_partition_size: int = 0,
     test_fraction: float = 0.25,
     seed: int = 0,
+    data_split: str = "train",
 ) -> tuple[ArrayDataset, FederatedSplit]:
     """Load ``dataset`` and split it among ``num_partitions`` clients (cached per process).
 
-    ``partitioner="precomputed"`` loads all rows (``split="all"``) and uses the split stored with
-    the data (20 clients, Dirichlet(0.1) for ``mnist70k.npz``).
+    ``data_split`` is the split of the data set that is partitioned (``"all"`` for data with no
+    official split, e.g. ``cifar10_20k.npz``). ``partitioner="precomputed"`` loads all rows
+    (``split="all"``) and uses the split stored with the data (20 clients, Dirichlet(0.1) for
+    ``mnist70k.npz``).
     """
-    split = "all" if partitioner == "precomputed" else "train"
+    split = "all" if partitioner == "precomputed" else data_split
     ds = load_dataset(dataset, split=split)
     fed = federated_split(
         ds,
@@ -70,6 +73,7 @@ def client_tensors(
         int(cfg["min-partition-size"]),
         float(cfg["test-fraction"]),
         int(cfg["seed"]),
+        str(cfg.get("data-split", "train")),
     )
     train, test = fed.client(ds, int(partition_id))
     return (

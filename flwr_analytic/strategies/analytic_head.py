@@ -118,6 +118,11 @@ class AnalyticHead(StrategyWrapper):
         Ridge ``γ`` of the global head (relative: ``γ = gamma · trace(ΣG)/D``).
     lam, lam_rule : float, {"relative", "absolute"} (default: 0.1, "relative")
         pFedACnnL's ``λ > 0`` (λ → ∞: the global head; λ → 0: the client's own ridge head).
+    personal_lambda : {"fixed", "auto"} (default: "fixed")
+        ``auto``: each client picks its own ``ρ ∈ {1e-4, …, 10, ∞}`` (∞: keep the global head) by
+        5-fold validation on its training data, with no extra communication
+        (:func:`~flwr_analytic.analytic.head.auto_personal_head`); the evaluation reports every
+        client's choice (``personal-lambda``) and their distribution. ``lam`` is then unused.
     expansion : RandomFeatures, optional
         Solve the head on ``[h, φ(h), 1]`` with a seeded random-feature expansion ``φ`` (off by
         default). The head's entries become those of
@@ -160,6 +165,7 @@ class AnalyticHead(StrategyWrapper):
         gamma_rule: str = "relative",
         lam: float = 0.1,
         lam_rule: str = "relative",
+        personal_lambda: str = "fixed",
         expansion: RandomFeatures | None = None,
         dtype: str = "float64",
         batch_size: int = 256,
@@ -179,6 +185,12 @@ class AnalyticHead(StrategyWrapper):
         self.lam = Regularization(lam, lam_rule)
         if self.lam.value <= 0:
             raise ValueError(f"lam: {lam!r} is not allowed; pFedACnnL needs λ > 0")
+        if personal_lambda not in P.PERSONAL_LAMBDA_MODES:
+            raise ValueError(
+                f"personal_lambda: {personal_lambda!r} is not allowed; allowed values: "
+                f"{list(P.PERSONAL_LAMBDA_MODES)}"
+            )
+        self.personal_lambda = personal_lambda
         if dtype not in DTYPES:
             raise ValueError(f"dtype: {dtype!r} is not allowed; allowed values: {sorted(DTYPES)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -218,9 +230,14 @@ class AnalyticHead(StrategyWrapper):
     def summary(self) -> None:
         """The wrapped strategy's summary and the head round's settings."""
         self.strategy.summary()
-        log(INFO, "\t└──> then an analytic head %r: γ %g (%s), λ %g (%s), expansion %s, %s",
-            self.head, self.gamma.value, self.gamma.rule, self.lam.value, self.lam.rule,
-            self.expansion, self.dtype)  # fmt: skip
+        lam = (
+            "λ per client (5-fold validation)"
+            if self.personal_lambda == "auto"
+            else f"λ {self.lam.value:g} ({self.lam.rule})"
+        )
+        log(INFO, "\t└──> then an analytic head %r: γ %g (%s), %s, expansion %s, %s",
+            self.head, self.gamma.value, self.gamma.rule, lam, self.expansion,
+            self.dtype)  # fmt: skip
 
     def run_loop(
         self,
@@ -404,6 +421,7 @@ class AnalyticHead(StrategyWrapper):
             return []
         cfg = self._config(server_round)
         cfg[P.LAM], cfg[P.LAM_RULE] = float(self.lam.value), self.lam.rule
+        cfg[P.PERSONAL_LAMBDA] = self.personal_lambda
         return self._messages(grid, "evaluate", arrays, cfg)
 
     def aggregate_evaluate(

@@ -251,8 +251,11 @@ class Metered(StrategyWrapper):
         progress.step(record.seconds, record.details.get("solved", True) is not False)
         if self._first_round is None:
             self._first_round = record.round
-        planned = "" if progress.total is None else f"/{self._first_round - 1 + progress.total}"
-        line = round_line(record, self._num_layers(), f"round {record.round}{planned}", errors)
+        label = f"round {record.round}"
+        if progress.total is not None:  # a wrapper's extra round (AnalyticHead) is past the plan
+            last = self._first_round - 1 + progress.total
+            label += f"/{last}" if record.round <= last else f" (after the {last} planned)"
+        line = round_line(record, self._num_layers(), label, errors)
         log(INFO, "%s | %s", line, progress.text())
 
     def _num_layers(self) -> int | None:

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from flwr_analytic.strategies.fedacnnl import FedACnnL
+from flwr_analytic.strategies.wrapper import StrategyWrapper
 
 
 @dataclass(repr=False)
@@ -130,8 +131,9 @@ def warm_start(
     first = analytic.start(grid, timeout=timeout, evaluate_fn=evaluate_fn)
     analytic_time = time.perf_counter() - t0
     arrays = to_float32(first.arrays)
+    inner = then.innermost() if isinstance(then, StrategyWrapper) else then
     log(INFO, "Analytic warm start: FedACnnL done in %.2f s; %s continues from its model",
-        analytic_time, type(then).__name__)  # fmt: skip
+        analytic_time, type(inner).__name__)  # fmt: skip
     t1 = time.perf_counter()
     second = then.start(
         grid,
