@@ -281,8 +281,11 @@ def table(dataset: str, s: dict[str, Any]) -> list[str]:
     """One data set's table: every arm's global and personalized accuracy, time and bytes."""
     fed, warm, head = s["fedavg"], s["warm"], s["head"]
     wbest, reach = warm["best"], warm["reach-fedavg-best"]
+    control = (
+        " (the control: where the warm start should not matter)" if dataset in CONTROLS else ""
+    )
     rows = [
-        f"**{dataset}**, 20 clients, Dirichlet(0.1), quickstart `Net`:",
+        f"**{dataset}**, 20 clients, Dirichlet(0.1), quickstart `Net`{control}:",
         "",
         "| arm | global | personalized | training time | bytes |",
         "|---|---|---|---|---|",

@@ -224,6 +224,8 @@ def test_round_line_and_progress_estimate():
         "layer 2/3 (round 4): 3/5 clients, 1 rejected, 1 missing, sent 2.5 MB, "
         "received 1.2 kB, 1.50 s"
     )
+    record.details["stage"] = 2  # a zca-kmeans layer's second Lloyd round
+    assert round_line(record, 3, "unused").startswith("layer 2/3 (round 4, k-means iteration 2): ")
     record.details = {"solved": False}
     assert round_line(record, None, "round 4/9", errors=1).startswith(
         "round 4/9: 3/5 clients, 1 rejected, 1 missing"

@@ -256,8 +256,8 @@ class FedACnnL(Strategy):
         cfg.update(extra_cfg)
         arrays_sent = ArrayRecord({**P.weights_state_dict(self.net), **extra_arrays})
         content = RecordDict({self.arrayrecord_key: arrays_sent, self.configrecord_key: cfg})
-        record = self.history.open(server_round, "train")
-        record.num_sent, record.details["layer"] = len(node_ids), layer
+        record = self.history.open(server_round, "train", layer=layer, **extra_cfg)  # k-means stage
+        record.num_sent = len(node_ids)
         self._sent[server_round], self._connected = node_ids, set(grid.get_node_ids())
         log(DEBUG, "configure_train: layer %d/%d (D=%d), sampled %d nodes",
             layer + 1, self.net.num_layers, self.net.design_dim(layer), len(node_ids))  # fmt: skip

@@ -149,15 +149,17 @@ class Progress:
 def round_line(record: RoundRecord, num_layers: int | None, label: str, errors: int = 0) -> str:
     """The INFO line of a training round (no per-client lists).
 
-    ``layer k/L (round r)`` when the record has a ``layer`` (0-based in the record, 1-based here),
-    else ``label``; valid clients of those sent (the strategy's ``num-valid`` when it counts them,
-    else replies without error), rejected (the strategy's ``rejected``, else the ``errors``),
+    ``layer k/L (round r)`` when the record has a ``layer`` (0-based in the record, 1-based here;
+    ``, k-means iteration t`` in a ``zca-kmeans`` layer's Lloyd rounds), else ``label``; valid
+    clients of those sent (the strategy's ``num-valid`` when it counts them, else replies without
+    error), rejected (the strategy's ``rejected``, else the ``errors``),
     missing, bytes each way, seconds.
     """
     details = record.details
     if "layer" in details:
         of = f"/{num_layers}" if num_layers else ""
-        head = f"layer {int(details['layer']) + 1}{of} (round {record.round})"
+        step = f", k-means iteration {details['stage']}" if details.get("stage") else ""
+        head = f"layer {int(details['layer']) + 1}{of} (round {record.round}{step})"
     else:
         head = label
     valid = details.get("num-valid", record.num_replies - errors)

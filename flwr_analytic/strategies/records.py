@@ -110,12 +110,16 @@ class RoundLog:
     def __init__(self) -> None:
         self.records: list[RoundRecord] = []
 
-    def open(self, server_round: int, kind: str) -> RoundRecord:
-        """The record of ``(server_round, kind)``, created (appended) if there is none yet."""
+    def open(self, server_round: int, kind: str, **details: Any) -> RoundRecord:
+        """The record of ``(server_round, kind)``, created (appended) if there is none yet.
+
+        ``details`` (e.g. ``layer=0, stage=2``) are added to the record's ``details``.
+        """
         for record in reversed(self.records):
             if record.round == server_round and record.kind == kind:
+                record.details.update(details)
                 return record
-        record = RoundRecord(int(server_round), kind)
+        record = RoundRecord(int(server_round), kind, details=dict(details))
         self.records.append(record)
         return record
 
