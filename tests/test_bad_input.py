@@ -878,7 +878,13 @@ def test_network_on_degenerate_pixels_warns_and_is_finite(digits, arch_name, sch
     arch = mlp(data.input_shape, 10) if arch_name == "mlp" else cnn(data.input_shape, 10, (8, 16))
     reg = Regularization(gamma, "absolute")
     net = AnalyticNetwork(arch, scheme, hidden_reg=reg, output_reg=reg)
-    with pytest.warns(IllConditionedWarning):
+    # The MLP sees the duplicated pixels: singular for any γ this small, the least-squares fallback
+    # warns. In the CNN the degenerate columns are dead (all-zero) channels: with γ = 0 nothing can
+    # be solved by Cholesky (warning); with γ = 1e-30 the Jacobi-equilibrated Cholesky solves it.
+    rescued = arch_name == "cnn" and gamma > 0
+    with warnings.catch_warnings() if rescued else pytest.warns(IllConditionedWarning):
+        if rescued:
+            warnings.simplefilter("error", IllConditionedWarning)
         fit_centralized(net, data.x, data.y)
     assert all(np.all(np.isfinite(w)) for w in net.weights)
     scores = net.predict(data.x)

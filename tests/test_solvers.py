@@ -69,3 +69,27 @@ def test_personalized_solve_is_the_regularized_minimizer_and_interpolates():
     np.testing.assert_allclose(near, np.linalg.lstsq(a, t, rcond=None)[0], atol=1e-6)
     with pytest.raises(ValueError, match="λ > 0"):
         personalized_solve(g, b, w_glob, Regularization(0.0))
+
+
+def test_dead_features_of_a_standardized_ridge_are_rescued_by_equilibration():
+    """Features that never fire (all zero) get a near-zero standardized penalty: the raw system is
+    numerically singular, its Jacobi-equilibrated form is not; their weights are 0 and the rest is
+    ridge on the standardized live features (no least-squares fallback, no warning)."""
+    from flwr_analytic.analytic.solvers import _cholesky_solve
+
+    rng = np.random.default_rng(0)
+    f = np.maximum(rng.standard_normal((500, 40)), 0) * rng.uniform(0.1, 10, 40)
+    f[:, :5] = 0.0  # dead
+    f[:, 5:8] *= 1e-3  # live, badly scaled
+    a, t = np.hstack([f, np.ones((500, 1))]), np.eye(3)[rng.integers(0, 3, 500)]
+    reg = Regularization(3e-3, "standardized")
+    system = a.T @ a + np.diag(reg.penalty(a.T @ a))
+    assert _cholesky_solve(system, a.T @ t)[0] is None  # the raw system fails the rcond check
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = ridge_solve(a.T @ a, a.T @ t, reg)
+    assert np.abs(w[:5]).max() == 0.0
+    live = f[:, 5:]
+    s = np.hstack([(live - live.mean(0)) / live.std(0), np.ones((500, 1))])
+    ws = np.linalg.solve(s.T @ s + np.diag(np.append(np.full(35, 3e-3 * 500), 0.0)), s.T @ t)
+    np.testing.assert_allclose(a @ w, s @ ws, rtol=0, atol=1e-6)

@@ -15,7 +15,7 @@ from flwr_analytic.analytic.design import contrast_normalize, conv_rows, grid_po
 from flwr_analytic.analytic.solvers import ridge_solve
 from flwr_analytic.analytic.statistics import merge
 from flwr_analytic.analytic.targets import TargetScheme
-from flwr_analytic.analytic.whitening import Whitening, random_unit_filters
+from flwr_analytic.analytic.whitening import Whitening, encoder_filters, random_unit_filters
 from flwr_analytic.data import load_digits, partition_indices
 from flwr_analytic.models import ContrastConv2d, coates
 
@@ -51,6 +51,27 @@ def test_contrast_conv_equals_normalized_patches():
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
     normed = rows.reshape(-1, 48)
     assert torch.allclose(normed.mean(1), torch.zeros(len(normed), dtype=x.dtype), atol=1e-12)
+
+
+def test_mirrored_contrast_conv_takes_half_the_gemm_and_equals_the_full_one():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 9, 9, dtype=torch.float64)
+    conv = ContrastConv2d(3, 8, 4, contrast=0.05).double()
+    with torch.no_grad():
+        conv.weight[4:] = -conv.weight[:4]  # the polarity split [c; −c], biases free
+    rows = contrast_normalize(conv_rows(x, 4), 0.05)
+    expected = rows @ conv.weight.reshape(8, -1).T + conv.bias
+    with torch.no_grad():  # the half GEMM
+        got = conv(x).permute(0, 2, 3, 1).reshape(4, -1, 8)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    out = conv(x)  # with autograd: the full GEMM, and gradients flow to both halves
+    assert torch.allclose(out.permute(0, 2, 3, 1).reshape(4, -1, 8), expected, atol=1e-12)
+    out.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad[4:].abs().sum() > 0
+    with torch.no_grad():
+        conv.weight[7, 0, 0, 0] += 0.5  # no longer mirrored: the full GEMM
+        expected = rows @ conv.weight.reshape(8, -1).T + conv.bias
+        assert torch.allclose(conv(x).permute(0, 2, 3, 1).reshape(4, -1, 8), expected, atol=1e-12)
 
 
 def test_zca_whitens_the_patch_covariance():
@@ -90,6 +111,25 @@ def test_zca_design_is_the_soft_threshold_encoder(digits):
     w = net.weights[0]
     got = np.maximum(rows @ w[:-1] + w[-1], 0.0)
     assert np.allclose(got, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["zca-random", "zca-kmeans"])
+def test_polarity_split_is_c_and_minus_c_and_federated_equals_centralized(digits, name):
+    x, y = digits
+    scheme = TargetScheme(name, threshold=0.4, polarity=True, iterations=2, sample_stride=2)
+    central = fit_centralized(AnalyticNetwork(_arch(), scheme), x, y, 100)
+    fed = AnalyticNetwork(_arch(), scheme)
+    fit_federated(fed, _clients(x, y), batch_size=[37, 64, 100, 256])
+    for layer in range(central.num_layers):
+        assert _rel(fed.weights[layer], central.weights[layer]) <= 1e-9
+    # 12 learned filters c and their negations: features max(0, ±cᵀx̃ − 0.4)
+    stats = AnalyticNetwork(_arch(), name).statistics(0, x, y)
+    white = Whitening.from_statistics(stats, scheme.zca_eps)
+    w = central.weights[0]
+    c = np.linalg.lstsq(white.zca, w[:-1, :12], rcond=None)[0].T
+    assert np.allclose(w, white.design(encoder_filters(c, True), 0.4), atol=1e-10)
+    assert np.allclose(w[:-1, 12:], -w[:-1, :12])
+    assert central.evaluate(x, y)["accuracy"] > 0.8
 
 
 def _layer_seed(seed, layer):
@@ -164,3 +204,10 @@ def test_bad_scheme_options_are_named():
         TargetScheme("zca-random", zca_eps=0.0)
     with pytest.raises(ValueError, match="sample_stride"):
         TargetScheme("zca-kmeans", sample_stride=1.5)
+    with pytest.raises(ValueError, match="polarity applies to zca-kmeans and zca-random"):
+        TargetScheme("label-pca", polarity=True)
+    with pytest.raises(ValueError, match="already come in ± pairs"):
+        TargetScheme("zca-pca", polarity=True)
+    with pytest.raises(ValueError, match="even number of channels"):
+        TargetScheme("zca-random", polarity=True).filter_count(25)
+    assert "polarity" not in TargetScheme("zca-kmeans").describe()  # older descriptions hold

@@ -43,16 +43,23 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def test_kmeans_layer_through_flower_equals_centralized(digits):
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        SCHEME,
+        TargetScheme("zca-kmeans", threshold=0.4, iterations=3, sample_stride=2, polarity=True),
+    ],
+)
+def test_kmeans_layer_through_flower_equals_centralized(digits, scheme):
     split = federated_split(digits, 4, "dirichlet", alpha=0.5, seed=1)
     arch = _arch(digits)
-    strategy = _strategy(arch)
+    strategy = _strategy(arch, scheme)
     assert strategy.num_rounds == 1 + 3 + 1
     result = strategy.start(LocalGrid(_app(digits, split), 4, seed=2))
     train = [e for e in strategy.history if e["kind"] == "train"]
     assert [e["layer"] for e in train] == [0, 0, 0, 0, 1]
     pooled = np.concatenate(split.train)
-    ref = fit_centralized(AnalyticNetwork(arch, SCHEME, seed=3), digits.x[pooled], digits.y[pooled])
+    ref = fit_centralized(AnalyticNetwork(arch, scheme, seed=3), digits.x[pooled], digits.y[pooled])
     for w, r in zip(strategy.net.weights, ref.weights, strict=True):
         assert _rel(w, r) <= 1e-9
     ev = result.evaluate_metrics_clientapp[5]
@@ -99,3 +106,14 @@ def test_kmeans_refused_by_the_legacy_strategies(digits):
     with pytest.raises(ValueError, match="needs the Message-API FedACnnL"):
         FedACnnLLegacy(_arch(digits), SCHEME)
     FedACnnLLegacy(_arch(digits), "zca-random")  # one round per layer: fine
+
+
+def test_run_config_keys_set_the_encoder_and_reach_the_clients(digits):
+    from flwr_analytic.strategies.fedacnnl_server import build_fedacnnl_strategy
+
+    cfg = {"model": "coates", "coates-filters": 16, "scheme": "zca-kmeans"}
+    strategy = build_fedacnnl_strategy({**cfg, "zca-polarity": True, "zca-threshold": 0.4})
+    scheme = strategy.net.schemes[0]
+    assert (scheme.name, scheme.polarity, scheme.threshold) == ("zca-kmeans", True, 0.4)
+    assert P.schemes_from_json(P.schemes_to_json(strategy.net)) == [scheme]
+    assert not build_fedacnnl_strategy(cfg).net.schemes[0].polarity  # the paper's encoder

@@ -27,6 +27,8 @@ from flwr_analytic.models.architectures import ConvGeometry
 
 #: float32 design rows are multiplied in groups of at least this many (wide layers, small batches).
 FLUSH_ROWS = 2048
+#: ``result`` mirrors the upper triangle of ``PᵀP`` in column blocks of this width (no D x D copies).
+MIRROR_BLOCK = 512
 
 
 class StatisticsAccumulator:
@@ -142,8 +144,12 @@ class StatisticsAccumulator:
         self._flush()
         p = self.dim - 1
         gram = np.empty((self.dim, self.dim))
-        upper = np.triu(self._ptp)
-        gram[:p, :p] = upper + np.triu(upper, 1).T
+        for j in range(0, p, MIRROR_BLOCK):  # G := upper triangle of PᵀP, mirrored, by row blocks
+            e = min(j + MIRROR_BLOCK, p)
+            block, right = self._ptp[j:e, j:e], self._ptp[j:e, e:]
+            gram[j:e, j:e] = np.triu(block) + np.triu(block, 1).T
+            gram[j:e, e:p] = right
+            gram[e:p, j:e] = right.T
         gram[:p, -1] = self._psum
         gram[-1, :p] = self._psum
         gram[-1, -1] = self._rows

@@ -31,7 +31,7 @@ from flwr_analytic.analytic.design import (  # noqa: F401  (re-exported: the par
 from flwr_analytic.analytic.solvers import Regularization, ridge_solve
 from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError
 from flwr_analytic.analytic.targets import TargetScheme, one_hot
-from flwr_analytic.analytic.whitening import AssignmentRound, KMeansFit
+from flwr_analytic.analytic.whitening import AssignmentRound, KMeansFit, encoder_filters
 from flwr_analytic.data.batches import iter_batches
 from flwr_analytic.models import Architecture, TracedArchitecture
 
@@ -227,11 +227,13 @@ class AnalyticNetwork:
                 raise StatisticsError(f"{len(x)} samples but {len(y)} labels")
         kmeans = self.kmeans if layer == self.solved_layers else None
         stride = self.schemes[layer].sample_stride if kmeans is not None else 1
+        a = torch.from_numpy(kmeans.assignment()) if kmeans is not None else None
         for xb, yb in self._batches(x, y, batch_size):
             patches = self.design_rows(layer, xb, stride)
-            if kmeans is not None:  # a Lloyd's round: each sampled row's nearest centroid
-                a = torch.from_numpy(kmeans.assignment()).to(patches.dtype)
-                assigned = (patches @ a[:-1] + a[-1]).argmax(-1).reshape(-1)
+            if a is not None:  # a Lloyd's round: each sampled row's nearest centroid
+                a = a.to(patches.dtype)
+                flat = patches.reshape(-1, patches.shape[-1])
+                assigned = torch.addmm(a[-1], flat, a[:-1]).argmax(-1)
                 acc.add_assigned(patches if rows is None else rows(patches), assigned)
                 continue
             t = self.layer_targets(layer, yb) if acc.targets else None
@@ -322,14 +324,16 @@ class AnalyticNetwork:
                 raise ValueError("zca-kmeans needs the layer's statistics")
             if self.kmeans is None:
                 seed = layer_seed(self.seed, layer)
-                self.kmeans = KMeansFit.start(stats, width, scheme.zca_eps, seed)
+                count = scheme.filter_count(width)
+                self.kmeans = KMeansFit.start(stats, count, scheme.zca_eps, seed)
             elif isinstance(self.kmeans, KMeansFit):
                 self.kmeans.step(stats)
             else:
                 raise RuntimeError("a client's k-means round view cannot solve the layer")
             if self.kmeans.iteration < scheme.iterations:
                 return None
-            w = self.kmeans.white.design(self.kmeans.centroids, scheme.threshold)
+            filters = encoder_filters(self.kmeans.centroids, scheme.polarity)
+            w = self.kmeans.white.design(filters, scheme.threshold)
             self.kmeans = None
         else:
             w = self.schemes[layer].weights(

@@ -93,33 +93,74 @@ class Regularization:
         return np.append(self.value * n * var, 0.0)
 
 
-def _solve_spd(matrix: np.ndarray, rhs: np.ndarray, what: str) -> np.ndarray:
-    """Solve ``matrix @ X = rhs`` by Cholesky, or by least squares with a warning.
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in ``a``: a finite sum proves it without a D x D mask (else check entrywise)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = a.sum()
+    return bool(np.isfinite(total)) or bool(np.all(np.isfinite(a)))
 
-    The minimum-norm least-squares ``X`` and an :class:`IllConditionedWarning` are returned when the
-    factorization fails or is numerically singular.
+
+def _one_norm(a: np.ndarray, block: int = 512) -> float:
+    """``‖a‖₁ = max_j Σ_i |a_ij|``, by blocks of columns (no D x D temporary)."""
+    sums = [np.abs(a[:, j : j + block]).sum(axis=0) for j in range(0, a.shape[1], block)]
+    return float(np.max(np.concatenate(sums))) if a.size else 0.0
+
+
+def _with_diagonal(gram: np.ndarray, diagonal: np.ndarray) -> np.ndarray:
+    """``G + diag(d)`` as a new float64 array (one copy, no dense ``diag(d)``)."""
+    system = np.array(gram, dtype=np.float64, copy=True)
+    system[np.diag_indices_from(system)] += diagonal
+    return system
+
+
+def _cholesky_solve(matrix: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """``matrix⁻¹ rhs`` by Cholesky, or ``None`` and the reason when it fails or is unreliable.
 
     A factorization "succeeds" on a singular PSD matrix plus a tiny ridge (γ = 1e-30) with
     rounding-level pivots, and its solution is then rounding noise amplified by ``1/rcond``. So the
     reciprocal condition number is estimated from the factor (LAPACK ``dpocon``, ``O(D²)``) and a
-    value below :data:`RCOND_MIN` is treated like a failed factorization.
+    value below :data:`RCOND_MIN` counts as a failed factorization.
     """
-    if not (np.all(np.isfinite(matrix)) and np.all(np.isfinite(rhs))):
-        raise ValueError(f"{what}: the system has non-finite entries (NaN or Inf)")
     try:
         factor = scipy.linalg.cho_factor(matrix, lower=False, check_finite=False)
-        norm = float(np.max(np.sum(np.abs(matrix), axis=0))) if matrix.size else 0.0
-        rcond, info = scipy.linalg.lapack.dpocon(factor[0], norm, uplo="U")
-        if info == 0 and rcond < RCOND_MIN:
-            raise np.linalg.LinAlgError(
-                f"numerically singular, reciprocal condition number {rcond:.1e} < {RCOND_MIN:g}"
-            )
-        solution = scipy.linalg.cho_solve(factor, rhs, check_finite=False)
-        if np.all(np.isfinite(solution)):
-            return solution
-        reason = "non-finite Cholesky solution"
     except np.linalg.LinAlgError as exc:
-        reason = str(exc)
+        return None, str(exc)
+    rcond, info = scipy.linalg.lapack.dpocon(factor[0], _one_norm(matrix), uplo="U")
+    if info == 0 and rcond < RCOND_MIN:
+        return (
+            None,
+            f"numerically singular, reciprocal condition number {rcond:.1e} < {RCOND_MIN:g}",
+        )
+    solution = scipy.linalg.cho_solve(factor, rhs, check_finite=False)
+    if not np.all(np.isfinite(solution)):
+        return None, "non-finite Cholesky solution"
+    return solution, ""
+
+
+def _solve_spd(matrix: np.ndarray, rhs: np.ndarray, what: str) -> np.ndarray:
+    """Solve ``matrix @ X = rhs`` by Cholesky, or by least squares with a warning.
+
+    1. Cholesky with a reliability check (:func:`_cholesky_solve`).
+    2. If that fails, Cholesky of the Jacobi-equilibrated system ``(SAS) Y = S·rhs``, ``X = S·Y``,
+       ``S = diag(A)^{-1/2}`` (van der Sluis, Numer. Math. 1969: within a factor ``D`` of the best
+       diagonal scaling). This rescues systems that are only badly *scaled*, e.g. a standardized ridge
+       whose dead features (all zero: a filter that never fires) carry a near-zero penalty.
+    3. Else the minimum-norm least-squares ``X`` and an :class:`IllConditionedWarning`.
+    """
+    if not (_all_finite(matrix) and _all_finite(rhs)):
+        raise ValueError(f"{what}: the system has non-finite entries (NaN or Inf)")
+    solution, reason = _cholesky_solve(matrix, rhs)
+    if solution is not None:
+        return solution
+    diagonal = np.diag(matrix)
+    if np.all(diagonal > 0):
+        scale = 1.0 / np.sqrt(diagonal)
+        scaled = matrix * scale[:, None]
+        scaled *= scale[None, :]
+        solution, _ = _cholesky_solve(scaled, rhs * scale[:, None])
+        del scaled
+        if solution is not None:
+            return solution * scale[:, None]
     warnings.warn(
         f"{what}: Cholesky failed ({reason}); using the least-squares solution. Increase the "
         "regularization for a better-conditioned system.",
@@ -148,7 +189,7 @@ def ridge_solve(gram: np.ndarray, cross: np.ndarray, reg: Regularization) -> np.
         ``W`` (D x m), float64.
 
     """
-    system = gram + np.diag(reg.penalty(gram))
+    system = _with_diagonal(gram, reg.penalty(gram))
     return _solve_spd(system, cross, "ridge solve")
 
 
@@ -165,5 +206,5 @@ def personalized_solve(
         raise ValueError(
             "personalization needs λ > 0 (λ = 0 is the local ridge model: use ridge_solve)"
         )
-    system = gram + np.diag(lam)
+    system = _with_diagonal(gram, lam)
     return w_global + _solve_spd(system, cross - gram @ w_global, "personalized solve")

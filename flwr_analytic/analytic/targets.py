@@ -48,7 +48,12 @@ import numpy as np
 
 from flwr_analytic.analytic.solvers import IllConditionedWarning, Regularization, ridge_solve
 from flwr_analytic.analytic.statistics import LayerStatistics
-from flwr_analytic.analytic.whitening import Whitening, random_unit_filters, whitened_pca_filters
+from flwr_analytic.analytic.whitening import (
+    Whitening,
+    encoder_filters,
+    random_unit_filters,
+    whitened_pca_filters,
+)
 
 SCHEMES = (
     "label-encoding",
@@ -186,6 +191,12 @@ class TargetScheme:
         ``zca-kmeans``: Lloyd's iterations (each one federated round).
     sample_stride : int
         ``zca-kmeans``: k-means sees the patches at every ``sample_stride``-th row and column.
+    polarity : bool
+        ``zca-kmeans`` / ``zca-random``: the polarity split of Coates & Ng (ICML 2011): the
+        layer's ``C_out`` channels are ``C_out/2`` learned filters ``c`` and their negations,
+        features ``max(0, cᵀx̃ − α)`` and ``max(0, −cᵀx̃ − α)`` (``C_out`` must be even). A conv
+        whose second half of filters negates the first computes one GEMM of half the width
+        (:class:`~flwr_analytic.models.ContrastConv2d`).
 
     """
 
@@ -195,6 +206,7 @@ class TargetScheme:
     threshold: float = 0.25
     iterations: int = 5
     sample_stride: int = 6
+    polarity: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in SCHEMES:
@@ -209,6 +221,19 @@ class TargetScheme:
             raise ValueError(f"iterations must be an integer >= 1, got {self.iterations!r}")
         if int(self.sample_stride) != self.sample_stride or self.sample_stride < 1:
             raise ValueError(f"sample_stride must be an integer >= 1, got {self.sample_stride!r}")
+        if self.polarity and self.name not in ("zca-kmeans", "zca-random"):
+            raise ValueError(
+                f"polarity applies to zca-kmeans and zca-random, not {self.name!r}"
+                + (" (its filters already come in ± pairs)" if self.name == "zca-pca" else "")
+            )
+
+    def filter_count(self, width: int) -> int:
+        """Filters learned for ``width`` channels: ``width``, or ``width/2`` with :attr:`polarity`."""
+        if not self.polarity:
+            return width
+        if width % 2:
+            raise ValueError(f"polarity needs an even number of channels (c, −c), got {width}")
+        return width // 2
 
     @property
     def rounds(self) -> int:
@@ -227,7 +252,7 @@ class TargetScheme:
         if self.name == "label-pca":
             return min(num_classes, width)
         if self.name == "zca-kmeans" and stage > 0:
-            return width
+            return self.filter_count(width)
         return 0
 
     def describe(self) -> dict:
@@ -235,6 +260,8 @@ class TargetScheme:
         out: dict = {"name": self.name, "encoding": self.encoding}
         if self.name.startswith("zca-"):
             out.update(zca_eps=self.zca_eps, threshold=self.threshold)
+            if self.polarity:  # only when set: older descriptions (and fingerprints) hold
+                out.update(polarity=True)
         if self.name == "zca-kmeans":
             out.update(iterations=self.iterations, sample_stride=self.sample_stride)
         return out
@@ -264,13 +291,13 @@ class TargetScheme:
             return standardized_random_filters(stats, width, seed)
         if self.name in ("zca-random", "zca-pca"):
             white = Whitening.from_statistics(stats, self.zca_eps)
-            dim_in = white.zca.shape[0]
+            dim_in, count = white.zca.shape[0], self.filter_count(width)
             filters = (
-                random_unit_filters(width, dim_in, seed)
+                random_unit_filters(count, dim_in, seed)
                 if self.name == "zca-random"
-                else whitened_pca_filters(white, width, seed)
+                else whitened_pca_filters(white, count, seed)
             )
-            return white.design(filters, self.threshold)
+            return white.design(encoder_filters(filters, self.polarity), self.threshold)
         if self.name == "zca-kmeans":
             raise ValueError("zca-kmeans is fitted over several rounds: use KMeansFit")
         if self.name == "pca":

@@ -12,7 +12,9 @@ the classifier is a function of the patch statistics FedACnnL clients already se
 - **Filters** ``c_j`` in whitened space (``K × d``): seeded random unit vectors (``random``), the
   whitened principal directions in ``±`` pairs (``pca``), or Lloyd's k-means (``kmeans``).
 - **Encoder** (soft threshold, Coates & Ng, ICML 2011): ``f_j(x) = max(0, c_jᵀx̃ − α)``: a conv
-  layer with ReLU whose design weights are ``w_j = Z c_j`` and bias ``−μᵀZc_j − α``.
+  layer with ReLU whose design weights are ``w_j = Z c_j`` and bias ``−μᵀZc_j − α``. With the
+  polarity split (same paper) the filters are ``[c; −c]``: features ``max(0, cᵀx̃ − α)`` and
+  ``max(0, −cᵀx̃ − α)``, ``2K`` channels from ``K`` learned filters (:func:`encoder_filters`).
 - **Federated Lloyd's iteration.** The assignment ``argmax_k c_kᵀx̃ − ½‖c_k‖²`` is affine in the
   raw patch, ``argmax_k [x, 1]·a_k`` with ``a_k = [Zc_k; −μᵀZc_k − ½‖c_k‖²]``. With the one-hot
   assignment as each patch row's target, a client's ``B = Σ [x, 1] e_{k(x)}ᵀ`` holds, per
@@ -61,6 +63,11 @@ class Whitening:
         """Design weights (D x K) of ``x ↦ c_jᵀZ(x − μ) − offset_j`` for filters ``c`` (K x d)."""
         w = self.zca @ filters.T
         return np.vstack([w, -(self.mean @ w) - offset])
+
+
+def encoder_filters(filters: np.ndarray, polarity: bool) -> np.ndarray:
+    """The encoder's filters: ``c`` (K x d), or with the polarity split ``[c; −c]`` (2K x d)."""
+    return np.vstack([filters, -filters]) if polarity else filters
 
 
 def random_unit_filters(count: int, dim: int, seed: int) -> np.ndarray:

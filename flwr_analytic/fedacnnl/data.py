@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flwr_analytic.analytic.targets import TargetScheme
 from flwr_analytic.config_checks import ConfigError, RunConfig, check_number, int_list
 from flwr_analytic.data import ArrayDataset, FederatedSplit, federated_split, load_dataset
 from flwr_analytic.fedacnnl.config import DATASET_SHAPES, resolve_run_config
@@ -40,6 +41,16 @@ def architecture_for(cfg: Mapping[str, Any]) -> Architecture:
     if cfg["model"] == "coates" and int(cfg["coates-filters"]) > 0:
         kwargs["filters"] = int(cfg["coates-filters"])
     return get_architecture(str(cfg["model"]), shape, classes, **kwargs)
+
+
+def scheme_for(cfg: Mapping[str, Any]) -> str | TargetScheme:
+    """The hidden-layer target scheme of a resolved run config (``zca-*`` with its encoder keys)."""
+    name = str(cfg["scheme"])
+    if not name.startswith("zca-"):
+        return name
+    return TargetScheme(
+        name, threshold=float(cfg["zca-threshold"]), polarity=bool(cfg["zca-polarity"])
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -167,5 +178,6 @@ __all__ = [
     "data_fingerprint",
     "load_cached_dataset",
     "load_partition_from_config",
+    "scheme_for",
     "split_from_config",
 ]

@@ -312,7 +312,7 @@ def install_round(
         raise KeyError(f"a k-means round (stage {stage}) needs {ASSIGNMENT_KEY!r} in the arrays")
     weights = np.asarray(arrays[ASSIGNMENT_KEY], dtype=np.float64)
     layer = int(config[LAYER])
-    expected = (net.design_dim(layer), net.arch.out_width(layer))
+    expected = (net.design_dim(layer), net.schemes[layer].filter_count(net.arch.out_width(layer)))
     if weights.shape != expected:
         raise ValueError(f"{ASSIGNMENT_KEY} has shape {weights.shape}, expected {expected}")
     net.kmeans = AssignmentRound(weights, stage - 1)

@@ -234,7 +234,8 @@ class ContrastConv2d(nn.Conv2d):
 
     With ``p̄`` and ``var(p)`` the mean and variance of the ``C_in·k²`` entries of the patch under an
     output position: ``y = wᵀ(p − p̄·1)/√(var(p) + ε) + b``, computed as one batched GEMM of the
-    filters with the normalized patches (``unfold``), which writes the output once.
+    filters with the normalized patches (``unfold``), which writes the output once. Filters whose
+    second half negates the first (the polarity split ``[c; −c]``) take one GEMM of half the width.
     Patch normalization of Coates, Lee, Ng (AISTATS 2011); zero padding counts as pixels, as in
     :func:`~flwr_analytic.analytic.design.conv_rows`. Parameters are those of ``Conv2d`` (stride 1,
     no dilation, one group).
@@ -249,11 +250,30 @@ class ContrastConv2d(nn.Conv2d):
         patches = torch.nn.functional.unfold(x, self.kernel_size, padding=self.padding)
         patches = patches - patches.mean(1, keepdim=True)  # (N, C·k², L)
         patches = patches * torch.rsqrt(patches.pow(2).mean(1, keepdim=True) + self.contrast)
-        weight = self.weight.reshape(1, self.out_channels, -1).expand(n, -1, -1)
-        if self.bias is None:
-            out = torch.bmm(weight, patches)
+        weight, bias = self.weight.reshape(self.out_channels, -1), self.bias
+        half = self.out_channels // 2
+        mirrored = (
+            not (torch.is_grad_enabled() and self.weight.requires_grad)  # autograd: the full GEMM
+            and self.out_channels % 2 == 0
+            and torch.equal(weight[half:], -weight[:half])
+        )
+        if mirrored:  # filters [c; −c] (polarity split): z₂ = −(z₁ − b₁) + b₂, one GEMM of half
+            out = torch.empty(n, self.out_channels, patches.shape[-1], dtype=patches.dtype)
+            b = torch.zeros(self.out_channels, dtype=patches.dtype) if bias is None else bias
+            torch.baddbmm(
+                b[None, :half, None],
+                weight[None, :half].expand(n, -1, -1),
+                patches,
+                out=out[:, :half],
+            )
+            torch.sub((b[:half] + b[half:])[None, :, None], out[:, :half], out=out[:, half:])
         else:
-            out = torch.baddbmm(self.bias[None, :, None], weight, patches)
+            weight = weight[None].expand(n, -1, -1)
+            out = (
+                torch.bmm(weight, patches)
+                if bias is None
+                else torch.baddbmm(bias[None, :, None], weight, patches)
+            )
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
         return out.reshape(n, self.out_channels, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1)
 

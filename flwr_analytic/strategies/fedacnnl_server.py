@@ -27,6 +27,7 @@ from flwr_analytic.fedacnnl.data import (
     architecture_for,
     data_fingerprint,
     load_cached_dataset,
+    scheme_for,
     split_from_config,
 )
 from flwr_analytic.models import build_module
@@ -48,7 +49,7 @@ def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
     dp = dp_config(cfg)
     return FedACnnL(
         architecture_for(cfg),
-        str(cfg["scheme"]),
+        scheme_for(cfg),
         **cfg.kwargs("gamma", "hidden-gamma", "gamma-rule", "lam", "lam-rule", "personal-lambda"),
         **cfg.kwargs("personalize-layers", "seed", "dtype", "batch-size", "num-groups"),
         **cfg.kwargs("aggregation", "max-in-flight", "availability-timeout"),
