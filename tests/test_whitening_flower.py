@@ -115,5 +115,17 @@ def test_run_config_keys_set_the_encoder_and_reach_the_clients(digits):
     strategy = build_fedacnnl_strategy({**cfg, "zca-polarity": True, "zca-threshold": 0.4})
     scheme = strategy.net.schemes[0]
     assert (scheme.name, scheme.polarity, scheme.threshold) == ("zca-kmeans", True, 0.4)
+    assert scheme.summary() == "zca-kmeans (α 0.4, polarity)"  # the strategy's start-up line
     assert P.schemes_from_json(P.schemes_to_json(strategy.net)) == [scheme]
     assert not build_fedacnnl_strategy(cfg).net.schemes[0].polarity  # the paper's encoder
+
+
+def test_polarity_bad_input_is_refused_before_any_round():
+    from flwr_analytic.config_checks import ConfigError
+    from flwr_analytic.strategies.fedacnnl_server import build_fedacnnl_strategy
+
+    with pytest.raises(ConfigError, match="zca-polarity: polarity applies to zca-kmeans"):
+        build_fedacnnl_strategy({"model": "coates", "scheme": "label-pca", "zca-polarity": True})
+    with pytest.raises(ValueError, match="even number of channels"):
+        cfg = {"model": "coates", "coates-filters": 15, "scheme": "zca-random"}
+        build_fedacnnl_strategy({**cfg, "zca-polarity": True})

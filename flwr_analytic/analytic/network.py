@@ -93,6 +93,8 @@ class AnalyticNetwork:
         if len(given) != len(arch.hidden):
             raise ValueError(f"{len(given)} schemes given for {len(arch.hidden)} hidden layers")
         self.schemes = [s if isinstance(s, TargetScheme) else TargetScheme(s) for s in given]
+        for layer, s in enumerate(self.schemes):  # an odd width with polarity: refused up front
+            s.filter_count(arch.out_width(layer))
         self.hidden_reg = hidden_reg or Regularization(1e-2)
         self.output_reg = output_reg or Regularization(1e-6)
         self.seed = seed

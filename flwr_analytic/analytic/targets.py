@@ -255,6 +255,12 @@ class TargetScheme:
             return self.filter_count(width)
         return 0
 
+    def summary(self) -> str:
+        """One line for logs: the name, and for ``zca-*`` the encoder (``α``, polarity split)."""
+        if not self.name.startswith("zca-"):
+            return self.name
+        return f"{self.name} (α {self.threshold:g}" + (", polarity)" if self.polarity else ")")
+
     def describe(self) -> dict:
         """JSON-able; the ``zca-*`` options only for ``zca-*`` schemes (older ones stay unchanged)."""
         out: dict = {"name": self.name, "encoding": self.encoding}

@@ -91,7 +91,9 @@ RUN_CONFIG = ConfigTable(
         # analytic learning
         Param("scheme", "label-pca", Options(SCHEMES), "targets of the hidden layers"),
         Param("zca-threshold", 0.25, Interval(float), "zca-*: encoder α in max(0, cᵀx̃ − α)"),
-        Param("zca-polarity", False, Boolean(), "zca-*: channels c and −c (half are learned)"),
+        Param(
+            "zca-polarity", False, Boolean(), "zca-kmeans/zca-random: channels c, −c (half learned)"
+        ),
         Param("gamma", 1e-6, _NONNEG, "ridge γ of the output layer"),
         Param("hidden-gamma", 1e-2, _NONNEG, "ridge of the hidden label regressions"),
         Param(

@@ -45,12 +45,13 @@ def architecture_for(cfg: Mapping[str, Any]) -> Architecture:
 
 def scheme_for(cfg: Mapping[str, Any]) -> str | TargetScheme:
     """The hidden-layer target scheme of a resolved run config (``zca-*`` with its encoder keys)."""
-    name = str(cfg["scheme"])
-    if not name.startswith("zca-"):
+    name, polarity = str(cfg["scheme"]), bool(cfg["zca-polarity"])
+    if not name.startswith("zca-") and not polarity:
         return name
-    return TargetScheme(
-        name, threshold=float(cfg["zca-threshold"]), polarity=bool(cfg["zca-polarity"])
-    )
+    try:
+        return TargetScheme(name, threshold=float(cfg["zca-threshold"]), polarity=polarity)
+    except ValueError as exc:
+        raise ConfigError(f"zca-polarity: {exc}") from exc
 
 
 @functools.lru_cache(maxsize=2)

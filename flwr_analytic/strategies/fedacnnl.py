@@ -219,7 +219,7 @@ class FedACnnL(Strategy):
         log(INFO, "\t├──> FedACnnL (arXiv 2502.06915): %s, %d layers", arch.name, arch.num_layers)
         log(INFO, "\t│\t├──Training rounds (one per fitted layer): %d", self.num_rounds)
         log(INFO, "\t│\t├──Schemes %s | γ: output %g, hidden %g (%s) | λ: %g (%s, %s), personalize %s",
-            [x.name for x in self.net.schemes], s.gamma, s.hidden_gamma, s.gamma_rule, self.lam,
+            [x.summary() for x in self.net.schemes], s.gamma, s.hidden_gamma, s.gamma_rule, self.lam,
             self.lam_rule, self.personal_lambda, self.personalize_layers)  # fmt: skip
         log(INFO, "\t│\t└──aggregation %s, release %s, groups %d, seed %d, dtype %s",
             s.aggregation, s.release.name, s.num_groups, s.seed, s.dtype)  # fmt: skip
