@@ -36,7 +36,13 @@ import torch
 from common import RESULTS, SHARED_DATA, environment, peak_rss_gib, write_json
 from torch import nn
 
-from flwr_analytic.analytic import AnalyticNetwork, Regularization, fit_federated, personalize
+from flwr_analytic.analytic import (
+    AnalyticNetwork,
+    AutoLambda,
+    Regularization,
+    fit_federated,
+    personalize,
+)
 from flwr_analytic.analytic.design import StatisticsAccumulator
 from flwr_analytic.analytic.solvers import ridge_solve
 from flwr_analytic.analytic.statistics import merge
@@ -56,6 +62,9 @@ RECIPE = {"filters": 2400, "threshold": 0.5, "polarity": True}
 #: Fashion-MNIST through the app keeps the 6,401-wide head (20 in-process clients hold their Grams:
 #: 15 GB at D = 6,401): 800 filters and their negations, α = 0.5.
 FASHION_RECIPE = {"filters": 1600, "threshold": 0.5, "polarity": True}
+#: ``personal-lambda = "auto"`` with ``lam-rule = "standardized"`` (the head's ridge rule).
+AUTO = AutoLambda(rule="standardized")
+AUTO_FASHION = {"personal-lambda": "auto", "lam-rule": "standardized"}
 
 
 def load(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -205,6 +214,7 @@ def federated(quick: bool, num_clients: int = 20, alpha: float = 0.1, seed: int 
     start = time.perf_counter()
     fit = fit_federated(net, train, batch_size=50)
     seconds = time.perf_counter() - start
+    leverage = fit.global_leverage(net)
     rows = []
     for (xt, yt), (xk, yk), stats in zip(test, train, fit.client_statistics, strict=True):
         g = net.evaluate(xt, yt)
@@ -212,8 +222,11 @@ def federated(quick: bool, num_clients: int = 20, alpha: float = 0.1, seed: int 
         for rho in (0.1, 1.0):
             own = personalize(net, stats, Regularization(rho, "standardized"))
             row[f"personal-{rho:g}"] = net.with_weights(own).evaluate(xt, yt).get("correct", 0)
-        # personal-lambda = "auto": the client's own ρ (relative rule) by 5-fold validation
-        choice = choose_output_lambda(net, xk, yk, statistics=stats[-1], batch_size=100)
+        # personal-lambda = "auto" (lam-rule standardized): the client's own ρ by leave-one-out,
+        # discounted by the global head's mean leverage h̄ the server sends
+        choice = choose_output_lambda(
+            net, xk, yk, policy=AUTO, statistics=stats[-1], batch_size=100, leverage=leverage
+        )
         own = [*net.weights[:-1], choice.weights]
         row["personal-auto"] = net.with_weights(own).evaluate(xt, yt).get("correct", 0)
         row["auto-rho"] = choice.rho
@@ -226,6 +239,7 @@ def federated(quick: bool, num_clients: int = 20, alpha: float = 0.1, seed: int 
         "seconds": seconds,
         "peak_rss_gib": peak_rss_gib(),
         "upload_floats_per_layer": fit.upload_floats,
+        "global_leverage": leverage,
         "upload_mb_per_client": [8 * f / num_clients / 1e6 for f in fit.upload_floats],
         "per_client": rows,
         "global_accuracy": sum(r["global"] for r in rows) / total,
@@ -248,50 +262,53 @@ def fashion_federated(quick: bool, scheme_name: str = "zca-kmeans") -> dict:
 
     The app's own data path (official 60k training images partitioned by flwr-datasets,
     ``min-partition-size`` 20, per-client 25% test), as ``benchmarks/time_to_accuracy.py`` uses it;
-    the ``coates`` model, float32, standardized head ridge.
+    the ``coates`` model, float32, standardized head ridge. Two runs: fixed ``lam`` 0.1 (relative),
+    then ``personal-lambda = "auto"`` with ``lam-rule = "standardized"`` (the same global model).
     """
     from flwr_analytic.clients import make_fedacnnl_client_app
     from flwr_analytic.fedacnnl import LocalGrid, resolve_run_config
     from flwr_analytic.strategies.fedacnnl_server import run_fedacnnl
 
-    cfg = resolve_run_config(
-        {
-            "dataset": "digits" if quick else "fashion-mnist",
-            "partitioner": "dirichlet",
-            "dirichlet-alpha": 0.1,
-            "min-partition-size": 5 if quick else 20,
-            "test-fraction": 0.25,
-            "model": "coates",
-            "coates-filters": 200 if quick else FASHION_RECIPE["filters"],
-            "scheme": scheme_name,
-            "zca-threshold": FASHION_RECIPE["threshold"],
-            "zca-polarity": FASHION_RECIPE["polarity"],
-            "gamma": 3e-3,
-            "gamma-rule": "standardized",
-            "lam": 0.1,
-            "dtype": "float32",
-            "batch-size": 100,
-            "results-path": "",
-        }
-    )
-    t0 = time.perf_counter()
-    _, summary = run_fedacnnl(LocalGrid(make_fedacnnl_client_app(run_config=cfg), 20, cfg), cfg)
-    ev = summary["evaluate"]
-    out = {
-        "seconds": time.perf_counter() - t0,
-        "peak_rss_gib": peak_rss_gib(),
-        "global_accuracy": summary["global-accuracy"],
-        "personal_accuracy": summary["personal-accuracy"],
-        "recipe": FASHION_RECIPE,
-        "evaluation": {k: v for k, v in ev.items() if not k.endswith("-clients")},
-        "rounds": summary["rounds"],
+    base = {
+        "dataset": "digits" if quick else "fashion-mnist",
+        "partitioner": "dirichlet",
+        "dirichlet-alpha": 0.1,
+        "min-partition-size": 5 if quick else 20,
+        "test-fraction": 0.25,
+        "model": "coates",
+        "coates-filters": 200 if quick else FASHION_RECIPE["filters"],
+        "scheme": scheme_name,
+        "zca-threshold": FASHION_RECIPE["threshold"],
+        "zca-polarity": FASHION_RECIPE["polarity"],
+        "gamma": 3e-3,
+        "gamma-rule": "standardized",
+        "lam": 0.1,
+        "dtype": "float32",
+        "batch-size": 100,
+        "results-path": "",
     }
-    print(
-        f"  fashion-mnist Dir(0.1) 20 clients, coates {scheme_name}: global "
-        f"{out['global_accuracy']:.4f}, personalized {out['personal_accuracy']:.4f}, "
-        f"{out['seconds']:.0f} s"
-    )
-    return out
+    runs = {}
+    for mode, extra in (("fixed", {}), ("auto", AUTO_FASHION)):
+        cfg = resolve_run_config(base | extra)
+        t0 = time.perf_counter()
+        app = make_fedacnnl_client_app(run_config=cfg)
+        _, summary = run_fedacnnl(LocalGrid(app, 20, cfg), cfg)
+        ev = summary["evaluate"]
+        runs[mode] = {
+            "seconds": time.perf_counter() - t0,
+            "peak_rss_gib": peak_rss_gib(),
+            "global_accuracy": summary["global-accuracy"],
+            "personal_accuracy": summary["personal-accuracy"],
+            "evaluation": {k: v for k, v in ev.items() if not k.endswith("-clients")},
+            "rounds": summary["rounds"],
+        }
+        print(
+            f"  fashion-mnist Dir(0.1) 20 clients, coates {scheme_name}, λ {mode}: global "
+            f"{runs[mode]['global_accuracy']:.4f}, personalized "
+            f"{runs[mode]['personal_accuracy']:.4f}, {runs[mode]['seconds']:.0f} s",
+            flush=True,
+        )
+    return {**runs["fixed"], "recipe": FASHION_RECIPE, "auto": runs["auto"]}
 
 
 PARTS = ("central", "federated", "fashion_federated")
@@ -334,8 +351,14 @@ def render(result: dict) -> str:
                 f"/ {auto} | {fed['seconds']:.0f} | {mb:.1f} |", ""]  # fmt: skip
         rhos = [r["auto-rho"] for r in fed["per_client"] if "auto-rho" in r]
         if rhos:
-            counts = {str(v): rhos.count(v) for v in sorted(set(rhos))}
-            out += [f"Auto λ (relative ρ) chosen per client: {counts}.", ""]
+            counts = {f"{v:.3g}": rhos.count(v) for v in sorted(set(rhos))}
+            rule = "standardized" if "global_leverage" in fed else "relative"  # earlier runs
+            lev = (
+                f", global leverage h̄ = {fed['global_leverage']:.3f}"
+                if rule == "standardized"
+                else ""
+            )
+            out += [f"Auto λ ({rule} ρ{lev}) chosen per client: {counts}.", ""]
     fm = result.get("fashion_federated")
     if fm:
         recipe = fm.get("recipe", {"filters": 1600, "threshold": 0.25, "polarity": False})
@@ -343,7 +366,23 @@ def render(result: dict) -> str:
         out += [f"| Fashion-MNIST, 20 clients Dirichlet(0.1), {model}, α {recipe['threshold']} | global "
                 "| personalized (ρ=0.1) | time (s) |", "|---|---|---|---|",
                 f"| FedACnnL app, in-process grid | {_pct(fm['global_accuracy'])} "
-                f"| {_pct(fm['personal_accuracy'])} | {fm['seconds']:.0f} |", ""]  # fmt: skip
+                f"| {_pct(fm['personal_accuracy'])} | {fm['seconds']:.0f} |"]  # fmt: skip
+        auto = fm.get("auto")
+        if auto:
+            ev = auto["evaluation"]
+            counts = dict(
+                zip(
+                    ev.get("personal-lambda-values", []),
+                    ev.get("personal-lambda-counts", []),
+                    strict=True,
+                )
+            )
+            chosen = ", ".join(f"{v:.3g}: {c}" for v, c in counts.items())
+            chosen += f", ∞: {ev.get('personal-lambda-global', 0)}"
+            out += [f"| same, `personal-lambda = \"auto\"` | {_pct(auto['global_accuracy'])} "
+                    f"| {_pct(auto['personal_accuracy'])} (auto) | {auto['seconds']:.0f} |", "",
+                    f"Auto λ (standardized ρ) chosen per client: {chosen}."]  # fmt: skip
+        out.append("")
     return "\n".join(out).rstrip()
 
 
@@ -367,7 +406,7 @@ def main() -> None:
     name = (
         "natural_images"
         + ("_quick" if args.quick else "")
-        + ("" if args.part == "all" else f"_{args.part}")
+        + ("" if args.part == "all" or args.update else f"_{args.part}")  # --update: the one JSON
     )
     out = Path(args.out) if args.out else RESULTS / f"{name}.json"
     result: dict = {"environment": environment(), "quick": args.quick, "args": vars(args)}
@@ -394,7 +433,8 @@ def main() -> None:
     ran = PARTS if args.part == "all" else (parts[args.part],)
     result["commands"] = {**result.get("commands", {}), **dict.fromkeys(ran, result["command"])}
     # the commands that made every part (in part order): what reproduces the whole JSON
-    result["command"] = " && ".join(dict.fromkeys(result["commands"][p] for p in PARTS))
+    made = [result["commands"][p] for p in PARTS if p in result["commands"]]
+    result["command"] = " && ".join(dict.fromkeys(made))
     write_json(out, result)
     print(render(result))
 

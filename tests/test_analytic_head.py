@@ -176,6 +176,7 @@ def test_each_client_personal_head_is_pfedacnnl(head_run):
 def test_auto_lambda_heads_are_each_clients_own_validated_choice(head_run):
     """``personal_lambda="auto"``: every client's head is ``select_lambda`` on its own features."""
     from flwr_analytic.analytic.personal_lambda import select_lambda
+    from flwr_analytic.analytic.solvers import effective_dof
 
     grid, _, first, _ = head_run
     strategy = AnalyticHead(
@@ -186,10 +187,17 @@ def test_auto_lambda_heads_are_each_clients_own_validated_choice(head_run):
     ids, w = list(metrics["client-ids"]), strategy.weights
     assert sorted(ids) == list(range(NUM_NODES))
     chosen = []
+    rows = [design(features(backbone(result.arrays), SPLIT.client(DIGITS, p)[0].x)) for p in ids]
+    # the h̄ = df/N the server sent: the global head's effective degrees of freedom over N rows
+    gram = sum(a.T @ a for a in rows)
+    leverage = effective_dof(gram, strategy.gamma) / sum(len(a) for a in rows)
+    assert 0.0 < leverage < 1.0
     for pid in range(NUM_NODES):
         train, test = SPLIT.client(DIGITS, pid)
         a = design(features(backbone(result.arrays), train.x))
-        choice = select_lambda(a, train.y, w, gram=a.T @ a, cross=a.T @ one_hot(train.y))
+        choice = select_lambda(
+            a, train.y, w, gram=a.T @ a, cross=a.T @ one_hot(train.y), leverage=leverage
+        )
         i = ids.index(pid)
         assert metrics["personal-lambda-clients"][i] == choice.rho
         scores = design(features(backbone(result.arrays), test.x))

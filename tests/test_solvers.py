@@ -9,6 +9,7 @@ from flwr_analytic.analytic import (
     personalized_solve,
     ridge_solve,
 )
+from flwr_analytic.analytic.solvers import effective_dof
 
 
 def _problem(rng, n=50, d=6, m=3):
@@ -93,3 +94,21 @@ def test_dead_features_of_a_standardized_ridge_are_rescued_by_equilibration():
     s = np.hstack([(live - live.mean(0)) / live.std(0), np.ones((500, 1))])
     ws = np.linalg.solve(s.T @ s + np.diag(np.append(np.full(35, 3e-3 * 500), 0.0)), s.T @ t)
     np.testing.assert_allclose(a @ w, s @ ws, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "reg",
+    [Regularization(0.1), Regularization(0.3, "standardized"), Regularization(1e-3, "absolute")],
+)
+def test_effective_dof_is_the_trace_of_the_hat_matrix(reg):
+    rng = np.random.default_rng(7)
+    scales = rng.uniform(0.1, 5.0, 20)
+    a = np.hstack([rng.standard_normal((50, 20)) * scales + scales, np.ones((50, 1))])
+    gram = a.T @ a
+    hat = a @ np.linalg.solve(gram + np.diag(reg.penalty(gram)), a.T)
+    assert effective_dof(gram, reg) == pytest.approx(np.trace(hat), rel=1e-10)
+    # dependent columns at no ridge: the rank (the pseudo-inverse path)
+    dependent = np.hstack([a, a[:, :3] + a[:, 3:6]])
+    assert effective_dof(dependent.T @ dependent, Regularization(0.0, "absolute")) == (
+        pytest.approx(np.linalg.matrix_rank(dependent), abs=1e-6)
+    )

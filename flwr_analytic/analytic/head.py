@@ -251,7 +251,7 @@ def head_design(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The head's design rows ``A = [h, (φ(h),) 1]`` (n x D, float64) and the labels of ``data``.
 
-    The rows whose ``AᵀA`` :func:`head_statistics` sums; memory ``n·D`` (for a client's K-fold
+    The rows whose ``AᵀA`` :func:`head_statistics` sums; memory ``n·D`` (for a client's leave-one-out
     choice of λ, :func:`~flwr_analytic.analytic.personal_lambda.select_lambda`).
     """
     rows, labels = [], []
@@ -297,19 +297,28 @@ def auto_personal_head(
     w_global: np.ndarray,
     bias: bool = True,
     policy: AutoLambda | None = None,
+    leverage: float = 0.0,
 ) -> LambdaChoice:
-    """The client's pFedACnnL head with its own ρ, chosen by K-fold validation on its data.
+    """The client's pFedACnnL head with its own ρ, chosen by leave-one-out on its data.
 
     :func:`~flwr_analytic.analytic.personal_lambda.select_lambda` on the head's design rows
-    (:func:`head_design`), ``ρ ∈ {1e-4, …, 10, ∞}`` (∞ keeps ``W``); the head is then
+    (:func:`head_design`), ``ρ ∈ {1e-4, 10^-3.75, …, 1e3, ∞}`` (∞ keeps ``W``); the head is then
     ``W_k = (G_k + λI)⁻¹(B_k + λW)`` on the client's full ``(G_k, B_k)`` at ``ρ*``. Without a bias
-    the ones column is left out and ``W_k[-1] = 0``, as in :func:`personal_head`.
+    the ones column is left out and ``W_k[-1] = 0``, as in :func:`personal_head`. ``leverage``:
+    the global head's mean leverage ``h̄`` the server sent (``personal_lambda.global_leverage``).
     """
     policy = policy or AutoLambda()
     if bias:
-        return policy.select(design, labels, w_global, gram=stats.gram, cross=stats.cross)
+        return policy.select(
+            design, labels, w_global, gram=stats.gram, cross=stats.cross, leverage=leverage
+        )
     choice = policy.select(
-        design[:, :-1], labels, w_global[:-1], gram=stats.gram[:-1, :-1], cross=stats.cross[:-1]
+        design[:, :-1],
+        labels,
+        w_global[:-1],
+        gram=stats.gram[:-1, :-1],
+        cross=stats.cross[:-1],
+        leverage=leverage,
     )
     weights = np.vstack([choice.weights, np.zeros((1, choice.weights.shape[1]))])
     return dataclasses.replace(choice, weights=weights)

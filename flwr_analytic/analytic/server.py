@@ -38,6 +38,7 @@ from flwr_analytic.analytic.aggregation import (
 from flwr_analytic.analytic.groups import cluster_by_labels
 from flwr_analytic.analytic.network import AnalyticNetwork
 from flwr_analytic.analytic.ownership import PartitionOwners
+from flwr_analytic.analytic.personal_lambda import global_leverage
 from flwr_analytic.analytic.privacy.release import ExactRelease, ReleasePolicy
 from flwr_analytic.analytic.solvers import Regularization
 from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError, merge
@@ -323,6 +324,12 @@ class LayerwiseServer:
             self.layer_statistics[layer] = total
             self.advance_free_layers()
         return w
+
+    def output_leverage(self) -> float:
+        """The output layer's mean leverage ``h̄ = df/N`` (``personal_lambda.global_leverage``)."""
+        last = self.net.num_layers - 1
+        total, bias = self.layer_statistics.get(last), self.net.arch.has_bias(last)
+        return 0.0 if total is None else global_leverage(total, self.net.output_reg, bias)
 
     def solve_groups(self, members: list[tuple[ClientKey, LayerStatistics]]) -> list[list[int]]:
         """Solve one output layer per group of contributors clustered by label distribution.

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from flwr_analytic.analytic.network import AnalyticNetwork
-from flwr_analytic.analytic.personal_lambda import AutoLambda, LambdaChoice
+from flwr_analytic.analytic.personal_lambda import AutoLambda, LambdaChoice, global_leverage
 from flwr_analytic.analytic.solvers import Regularization, personalized_solve
 from flwr_analytic.analytic.statistics import LayerStatistics, merge
 from flwr_analytic.data.batches import iter_batches
@@ -44,6 +44,18 @@ class FederatedFit:
 
     client_statistics: list[list[LayerStatistics | None]] = field(default_factory=list)
     upload_floats: list[int] = field(default_factory=list)
+    output_statistics: LayerStatistics | None = None
+
+    def global_leverage(self, net: AnalyticNetwork) -> float:
+        """The output layer's mean leverage ``h̄ = df/N`` (what a server sends for auto λ).
+
+        :func:`~flwr_analytic.analytic.personal_lambda.global_leverage` of the summed statistics
+        the output layer was solved from (``0`` before it was).
+        """
+        if self.output_statistics is None:
+            return 0.0
+        last = net.num_layers - 1
+        return global_leverage(self.output_statistics, net.output_reg, net.arch.has_bias(last))
 
 
 def fit_centralized(
@@ -88,7 +100,10 @@ def fit_federated(
             per_client = [
                 net.statistics(layer, x, y, bs) for (x, y), bs in zip(clients, sizes, strict=True)
             ]
-            net.solve(layer, merge(s for s in per_client if s.count > 0))
+            total = merge(s for s in per_client if s.count > 0)
+            net.solve(layer, total)
+            if net.is_output(layer):
+                fit.output_statistics = total
             floats += sum(sum(a.size for a in s.pack().values()) for s in per_client)
         for kept, stats in zip(fit.client_statistics, per_client, strict=True):
             kept.append(stats)
@@ -191,8 +206,9 @@ def choose_output_lambda(
     statistics: LayerStatistics | None = None,
     w_output: np.ndarray | None = None,
     batch_size: int = 256,
+    leverage: float = 0.0,
 ) -> LambdaChoice:
-    """A client's own output-layer λ by K-fold cross-validation on its training data ``(x, y)``.
+    """A client's own output-layer λ by exact leave-one-out on its training data ``(x, y)``.
 
     :func:`~flwr_analytic.analytic.personal_lambda.select_lambda` on :func:`output_design`.
 
@@ -203,7 +219,7 @@ def choose_output_lambda(
     x, y : array-like, or a data source and ``None``
         The client's training data.
     policy : AutoLambda, optional
-        Grid, folds and seed (default ``AutoLambda()``).
+        Grid, λ rule and ``z`` (default ``AutoLambda()``: relative ρ).
     statistics : LayerStatistics, optional
         The client's output-layer statistics; the final ``W_k(ρ*)`` is solved from them (so it
         equals :func:`personalize` at ``ρ*``); default: from the design rows.
@@ -211,11 +227,14 @@ def choose_output_lambda(
         The output layer to personalize (default the network's, e.g. a group's instead).
     batch_size : int
         Samples per forward pass.
+    leverage : float
+        The global output layer's mean leverage ``h̄`` (:meth:`FederatedFit.global_leverage`, or
+        the ``global-leverage`` a server sent); ``0``: no correction.
 
     """
     policy = policy or AutoLambda()
     a, labels = output_design(net, x, y, batch_size)
     w = np.asarray(net.weights[-1] if w_output is None else w_output, dtype=np.float64)
-    if statistics is None:
-        return policy.select(a, labels, w)
-    return policy.select(a, labels, w, gram=statistics.gram, cross=statistics.cross)
+    gram = None if statistics is None else statistics.gram
+    cross = None if statistics is None else statistics.cross
+    return policy.select(a, labels, w, gram=gram, cross=cross, leverage=leverage)

@@ -222,9 +222,10 @@ class AnalyticHeadHandlers:
         bias = head_keys(self.head)[1] in arrays
         batch_size = int(config[P.BATCH_SIZE])
         metrics: dict[str, Any] = {"train-examples": num_samples(train)}
-        if P.personal_lambda_mode(config) == "auto":  # this client's own ρ, by 5-fold validation
+        if P.personal_lambda_mode(config) == "auto":  # this client's own ρ, by leave-one-out
             design, labels = head_design(model, self.head, train, expansion, activation, batch_size)
-            choice = auto_personal_head(design, labels, stats, w, bias)
+            leverage = float(config.get(P.GLOBAL_LEVERAGE, 0.0))
+            choice = auto_personal_head(design, labels, stats, w, bias, leverage=leverage)
             personal, metrics[P.PERSONAL_LAMBDA] = choice.weights, float(choice.rho)
         else:
             personal = personal_head(stats, w, P.personal_regularization(config), bias)

@@ -16,7 +16,6 @@ import numpy as np
 
 from flwr_analytic.analytic import (
     AnalyticNetwork,
-    AutoLambda,
     LambdaChoice,
     LayerStatistics,
     output_design,
@@ -128,8 +127,8 @@ def evaluate_global_and_personal(
     are scored too (``group-*``, ``group-personal-*``).
 
     With ``personal-lambda = "auto"`` in ``config`` the output layer's λ is the client's own
-    (:func:`choose_output_lambdas`: 5-fold validation on ``train``, one more forward pass over it,
-    no communication); hidden layers (``personalize-layers = "all"``) keep the fixed ``lam``.
+    (:func:`choose_output_lambdas`: exact leave-one-out on ``train``, one more forward pass over
+    it, no communication); hidden layers (``personalize-layers = "all"``) keep the fixed ``lam``.
 
     Returns
     -------
@@ -193,20 +192,23 @@ def choose_output_lambdas(
     train: ClientData,
     statistics: LayerStatistics | None,
 ) -> dict[str, LambdaChoice | None]:
-    """The client's own output-layer λ for the global (and group) layer, by 5-fold validation.
+    """The client's own output-layer λ for the global (and group) layer, by leave-one-out.
 
     :func:`~flwr_analytic.analytic.personal_lambda.select_lambda` on the output layer's design rows
-    of ``train`` (folds seeded with the run seed), with the default grid
-    ``ρ ∈ {1e-4, …, 10, ∞}`` (relative rule); the final layer is solved from ``statistics``.
+    of ``train``, with the default grid ``ρ ∈ {1e-4, 10^-3.75, …, 1e3, ∞}`` in the run's λ rule
+    (:func:`~flwr_analytic.fedacnnl.protocol.auto_lambda_policy`); the final layer is solved from
+    ``statistics``.
     """
-    policy = AutoLambda(seed=int(config[P.SEED]))
+    policy = P.auto_lambda_policy(config)
     design, labels = output_design(net, *_xy(train), batch_size=int(config[P.BATCH_SIZE]))
     gram = None if statistics is None else statistics.gram
     cross = None if statistics is None else statistics.cross
+    leverage = float(config.get(P.GLOBAL_LEVERAGE, 0.0))  # the global layer's h̄ (both layers)
     out: dict[str, LambdaChoice | None] = {"personal": None, "group-personal": None}
     for key, model in (("personal", net), ("group-personal", group)):
         if model is not None:
-            out[key] = policy.select(design, labels, model.weights[-1], gram=gram, cross=cross)
+            w = model.weights[-1]
+            out[key] = policy.select(design, labels, w, gram=gram, cross=cross, leverage=leverage)
     return out
 
 

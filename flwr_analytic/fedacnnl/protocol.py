@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flwr_analytic.analytic import AnalyticNetwork, Regularization, TargetScheme
+from flwr_analytic.analytic import AnalyticNetwork, AutoLambda, Regularization, TargetScheme
 from flwr_analytic.analytic.design import design_to_params, params_to_design
 from flwr_analytic.analytic.whitening import AssignmentRound
 from flwr_analytic.models import (
@@ -209,9 +209,33 @@ def personal_regularization(config: Mapping[str, Any]) -> Regularization:
 
 # ---- per-client λ (issue 15): how the output layer's λ is set; ConfigRecord and MetricRecord key
 #: ``fixed``: λ = ``lam`` for every client; ``auto``: each client picks its output layer's ρ by
-#: K-fold validation on its own data (:mod:`flwr_analytic.analytic.personal_lambda`).
+#: exact leave-one-out on its own data (:mod:`flwr_analytic.analytic.personal_lambda`).
 PERSONAL_LAMBDA = "personal-lambda"
 PERSONAL_LAMBDA_MODES = ("fixed", "auto")
+#: ``auto``: the global output layer's mean leverage ``h̄ = df/N`` (one float), which corrects the
+#: clients' left-out scores of a layer fitted with their own samples
+#: (:func:`~flwr_analytic.analytic.personal_lambda.global_leverage`).
+GLOBAL_LEVERAGE = "global-leverage"
+
+
+def evaluate_settings(
+    lam: float, lam_rule: str, mode: str, leverage: Callable[[], float]
+) -> dict[str, Any]:
+    """The evaluate config's pFedACnnL entries: λ, its rule, the λ mode and (``auto``) ``h̄``."""
+    out: dict[str, Any] = {LAM: float(lam), LAM_RULE: lam_rule, PERSONAL_LAMBDA: mode}
+    if mode == "auto":
+        out[GLOBAL_LEVERAGE] = float(leverage())
+    return out
+
+
+def auto_lambda_policy(config: Mapping[str, Any]) -> AutoLambda:
+    """The clients' auto-λ policy: the default grid and ``z``, in the run's λ rule.
+
+    ``standardized`` runs choose a standardized ``ρ``; ``relative`` and ``absolute`` runs a relative
+    one (an absolute λ has no scale to grid over).
+    """
+    rule = "standardized" if str(config[LAM_RULE]) == "standardized" else "relative"
+    return AutoLambda(rule=rule)
 
 
 def personal_lambda_mode(config: Mapping[str, Any]) -> str:

@@ -46,6 +46,7 @@ from flwr_analytic.analytic.head import (
     head_state,
     solve_head,
 )
+from flwr_analytic.analytic.personal_lambda import global_leverage
 from flwr_analytic.clients.analytic_head_client import ACTION, EXPANSION_ACTIVATION, HEAD
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.report import short_list
@@ -119,8 +120,8 @@ class AnalyticHead(StrategyWrapper):
     lam, lam_rule : float, {"relative", "absolute"} (default: 0.1, "relative")
         pFedACnnL's ``λ > 0`` (λ → ∞: the global head; λ → 0: the client's own ridge head).
     personal_lambda : {"fixed", "auto"} (default: "fixed")
-        ``auto``: each client picks its own ``ρ ∈ {1e-4, …, 10, ∞}`` (∞: keep the global head) by
-        5-fold validation on its training data, with no extra communication
+        ``auto``: each client picks its own ``ρ ∈ {1e-4, 10^-3.75, …, 1e3, ∞}`` (∞: keep the global
+        head) by exact leave-one-out on its training data, with no extra communication
         (:func:`~flwr_analytic.analytic.head.auto_personal_head`); the evaluation reports every
         client's choice (``personal-lambda``) and their distribution. ``lam`` is then unused.
     expansion : RandomFeatures, optional
@@ -231,7 +232,7 @@ class AnalyticHead(StrategyWrapper):
         """The wrapped strategy's summary and the head round's settings."""
         self.strategy.summary()
         lam = (
-            "λ per client (5-fold validation)"
+            "λ per client (leave-one-out)"
             if self.personal_lambda == "auto"
             else f"λ {self.lam.value:g} ({self.lam.rule})"
         )
@@ -420,8 +421,13 @@ class AnalyticHead(StrategyWrapper):
         if self.phase != "evaluate" or self.sampling["evaluate"][0] == 0.0:
             return []
         cfg = self._config(server_round)
-        cfg[P.LAM], cfg[P.LAM_RULE] = float(self.lam.value), self.lam.rule
-        cfg[P.PERSONAL_LAMBDA] = self.personal_lambda
+
+        def leverage() -> float:  # the global head's h̄ (sent with personal_lambda="auto")
+            stats = self.statistics
+            return 0.0 if stats is None else global_leverage(stats, self.gamma, self._bias)
+
+        lam, mode = self.lam, self.personal_lambda
+        cfg.update(P.evaluate_settings(lam.value, lam.rule, mode, leverage))
         return self._messages(grid, "evaluate", arrays, cfg)
 
     def aggregate_evaluate(

@@ -67,16 +67,16 @@ class FedACnnL(Strategy):
     input_shape : tuple of int, optional
         Shape of one sample, e.g. ``(3, 32, 32)``; required with a ``torch.nn.Module``.
     scheme : str, TargetScheme or a sequence of them (default: "label-pca")
-        Hidden-layer target scheme(s): ``label-pca``, ``pca``, ``label-encoding``, ``random``,
-        ``random-standardized``.
+        Hidden-layer target scheme(s): ``label-pca`` … ``zca-kmeans`` (``analytic.targets.SCHEMES``).
     gamma, hidden_gamma : float (default: 1e-6, 1e-2)
         Ridge of the output layer and of hidden layers that regress onto targets.
-    gamma_rule, lam_rule : {"relative", "absolute"} (default: "relative")
-        ``relative`` scales the ridge / λ by ``trace(G)/D``.
+    gamma_rule, lam_rule : {"relative", "absolute", "standardized"} (default: "relative")
+        ``relative`` scales the ridge / λ by ``trace(G)/D`` (``solvers.Regularization``).
     lam : float (default: 0.1)
         pFedACnnL's λ (> 0; λ → ∞ is the global model, λ → 0 the local ridge model).
     personal_lambda : {"fixed", "auto"} (default: "fixed")
-        ``auto``: each client picks its output layer's λ by K-fold validation on its own data.
+        ``auto``: each client picks its output layer's ρ (in ``lam_rule``) by exact leave-one-out
+        on its data (:mod:`~flwr_analytic.analytic.personal_lambda`); ``lam`` is then unused.
     personalize_layers : {"last", "all"} (default: "last")
         Personalize the output layer (the paper) or every layer that regresses onto labels.
     seed : int (default: 0)
@@ -356,8 +356,8 @@ class FedACnnL(Strategy):
             return []
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluation")
         cfg, sent, messages = self._config(config, server_round), self.global_arrays(), []
-        cfg[P.LAM], cfg[P.LAM_RULE] = float(self.lam), self.lam_rule
-        cfg[P.PERSONAL_LAMBDA] = self.personal_lambda
+        settings = (self.lam, self.lam_rule, self.personal_lambda, self.server.output_leverage)
+        cfg.update(P.evaluate_settings(*settings))
         for node_id in node_ids:
             content = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: cfg})
             group = self.server.group_of_node.get(node_id)

@@ -179,8 +179,12 @@ class FedACnnLLegacy(LegacyStrategy):
         core = self.core
         if core.fraction_evaluate == 0.0 or not core.finished:
             return []
-        config = {**self._config(server_round), P.LAM: float(core.lam), P.LAM_RULE: core.lam_rule}
-        config[P.PERSONAL_LAMBDA] = core.personal_lambda
+        config = self._config(server_round)
+        config.update(
+            P.evaluate_settings(
+                core.lam, core.lam_rule, core.personal_lambda, core.server.output_leverage
+            )
+        )
         clients = self._sample(client_manager, core.fraction_evaluate, core.min_evaluate_nodes)
         return [(client, EvaluateIns(self._arrays(), config)) for client in clients]
 
