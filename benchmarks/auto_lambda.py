@@ -60,6 +60,7 @@ from flwr_analytic.analytic import (
     personalize,
 )
 from flwr_analytic.analytic.personal_lambda import DEFAULT_GRID
+from flwr_analytic.analytic.recalibration import DEFAULT_RHO, recalibrate
 from flwr_analytic.data import ArrayDataset, FederatedSplit, federated_split, load_mnist
 from flwr_analytic.models import cnn
 
@@ -93,6 +94,8 @@ def dataset(name: str, data_dir: str, subset: int, seed: int) -> ArrayDataset:
 
 #: Auto-λ policies scored on the development split (the first is the package default).
 DECADES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+#: the auto layer, then ``personal-recalibration`` (ρ 0.01, :mod:`flwr_analytic.analytic.recalibration`)
+RECAL = "auto + recalibration"
 #: name -> (policy, whether the global layer's mean leverage h̄ corrects the left-out scores)
 DEV_POLICIES = {
     "auto": (AutoLambda(), True),
@@ -154,6 +157,9 @@ def run_setup(
             row[name] = scorer.correct(inputs, y_test, choice.weights)
             row[f"{name} rho"] = rho_key(choice.rho)
             row[f"{name} gain"] = list(choice.gain)
+            if name == "auto":  # personal-recalibration: that layer refitted on its own scores
+                own = recalibrate(stats[last].gram, stats[last].cross, choice.weights, DEFAULT_RHO)
+                row[RECAL] = scorer.correct(inputs, y_test, own)
         row["heldout_correct"] = {rho_key(r): c for r, c in choice.correct.items()}
         per_client.append(row)
     return summarize(per_client, list(policies)) | {
@@ -168,9 +174,10 @@ def summarize(per_client: list[dict], policies: list[str]) -> dict:
     """Weighted accuracies, per-client gains in samples and each policy's ρ histogram."""
     total = sum(c["test"] for c in per_client)
     out: dict = {"num_clients": len(per_client), "test_samples": total, "policies": policies}
-    for model in ("global", "fixed", *policies):
+    out["extra"] = [RECAL] if RECAL in per_client[0] else []
+    for model in ("global", "fixed", *policies, *out["extra"]):
         out[f"{model}_accuracy"] = sum(c[model] for c in per_client) / total
-    for model in ("fixed", *policies):
+    for model in ("fixed", *policies, *out["extra"]):
         gains = np.array([c[model] - c["global"] for c in per_client])
         out[f"{model}_worst_gain_samples"] = int(gains.min())
         out[f"{model}_clients_better"] = int(np.sum(gains > 0))
@@ -190,15 +197,16 @@ def print_table(rows: list[dict]) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        for name in r["policies"]:
-            hist = ", ".join(f"{k}: {v}" for k, v in r[f"{name}_rho_histogram"].items())
+        for name in [*r["policies"], *r.get("extra", [])]:
+            policy = name if name in r["policies"] else "auto"  # recalibration: of the auto layer
+            hist = ", ".join(f"{k}: {v}" for k, v in r[f"{policy}_rho_histogram"].items())
             print(
                 f"| {r['setup']} | {r['num_clients']} | {r['design_dim_output']} "
                 f"| {100 * r['global_accuracy']:.2f}% | {100 * r['fixed_accuracy']:.2f}% "
                 f"| {name} | {100 * r[f'{name}_accuracy']:.2f}% "
                 f"| {r['fixed_worst_gain_samples']:+d} / {r[f'{name}_worst_gain_samples']:+d} "
                 f"| {r['fixed_clients_worse']} / {r[f'{name}_clients_worse']} | {hist} "
-                f"| {r['seconds']['auto_lambda'][name]:.1f} |"
+                f"| {r['seconds']['auto_lambda'][policy]:.1f} |"
             )
 
 

@@ -44,6 +44,7 @@ from flwr_analytic.analytic import (
     personalize,
 )
 from flwr_analytic.analytic.design import StatisticsAccumulator
+from flwr_analytic.analytic.recalibration import DEFAULT_RHO
 from flwr_analytic.analytic.solvers import ridge_solve
 from flwr_analytic.analytic.statistics import merge
 from flwr_analytic.analytic.targets import TargetScheme, one_hot
@@ -65,6 +66,9 @@ FASHION_RECIPE = {"filters": 1600, "threshold": 0.5, "polarity": True}
 #: ``personal-lambda = "auto"`` with ``lam-rule = "standardized"`` (the head's ridge rule).
 AUTO = AutoLambda(rule="standardized")
 AUTO_FASHION = {"personal-lambda": "auto", "lam-rule": "standardized"}
+#: ``personal-recalibration``: ρ of the clients' recalibration (``analytic.recalibration``).
+RECALIBRATION = DEFAULT_RHO
+AUTO_REG = Regularization(0.1, "standardized")  # unused by personalize when the output is chosen
 
 
 def load(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -230,6 +234,9 @@ def federated(quick: bool, num_clients: int = 20, alpha: float = 0.1, seed: int 
         own = [*net.weights[:-1], choice.weights]
         row["personal-auto"] = net.with_weights(own).evaluate(xt, yt).get("correct", 0)
         row["auto-rho"] = choice.rho
+        # personal-recalibration = 0.01: that layer refitted on the client's own scores
+        own = personalize(net, stats, AUTO_REG, output=choice, recalibration=RECALIBRATION)
+        row["personal-auto-recal"] = net.with_weights(own).evaluate(xt, yt).get("correct", 0)
         rows.append(row)
     total = sum(r["num-examples"] for r in rows)
     result = {
@@ -244,14 +251,15 @@ def federated(quick: bool, num_clients: int = 20, alpha: float = 0.1, seed: int 
         "per_client": rows,
         "global_accuracy": sum(r["global"] for r in rows) / total,
     }
-    for rho in (0.1, 1.0, "auto"):
-        result[f"personal_accuracy_{rho:g}" if rho != "auto" else "personal_accuracy_auto"] = (
-            sum(r[f"personal-{rho:g}" if rho != "auto" else "personal-auto"] for r in rows) / total
+    for key in ("0.1", "1", "auto", "auto-recal"):
+        result[f"personal_accuracy_{key.replace('-', '_')}"] = (
+            sum(r[f"personal-{key}"] for r in rows) / total
         )
     print(
         f"  federated {num_clients} clients Dir({alpha}): global {result['global_accuracy']:.4f}, "
         f"personalized ρ=0.1 {result['personal_accuracy_0.1']:.4f}, ρ=1 "
-        f"{result['personal_accuracy_1']:.4f}, auto {result['personal_accuracy_auto']:.4f}; "
+        f"{result['personal_accuracy_1']:.4f}, auto {result['personal_accuracy_auto']:.4f}, "
+        f"auto + recalibration {result['personal_accuracy_auto_recal']:.4f}; "
         f"{seconds:.0f} s, peak {result['peak_rss_gib']:.1f} GiB"
     )
     return result
@@ -288,7 +296,8 @@ def fashion_federated(quick: bool, scheme_name: str = "zca-kmeans") -> dict:
         "results-path": "",
     }
     runs = {}
-    for mode, extra in (("fixed", {}), ("auto", AUTO_FASHION)):
+    recal = AUTO_FASHION | {"personal-recalibration": RECALIBRATION}
+    for mode, extra in (("fixed", {}), ("auto", AUTO_FASHION), ("auto-recal", recal)):
         cfg = resolve_run_config(base | extra)
         t0 = time.perf_counter()
         app = make_fedacnnl_client_app(run_config=cfg)
@@ -308,7 +317,8 @@ def fashion_federated(quick: bool, scheme_name: str = "zca-kmeans") -> dict:
             f"{runs[mode]['personal_accuracy']:.4f}, {runs[mode]['seconds']:.0f} s",
             flush=True,
         )
-    return {**runs["fixed"], "recipe": FASHION_RECIPE, "auto": runs["auto"]}
+    return {**runs["fixed"], "recipe": FASHION_RECIPE, "auto": runs["auto"], **{
+        "auto_recal": runs["auto-recal"]}}  # fmt: skip
 
 
 PARTS = ("central", "federated", "fashion_federated")
@@ -343,8 +353,9 @@ def render(result: dict) -> str:
         recipe = fed.get("recipe", {"filters": 1600, "threshold": 0.25, "polarity": False})
         model = f"coates-{recipe['filters']} zca-kmeans" + ", polarity" * recipe["polarity"]
         auto = _pct(fed.get("personal_accuracy_auto"))
+        auto += f" / {_pct(fed.get('personal_accuracy_auto_recal'))}"
         out += [f"| CIFAR-10, 20 clients Dirichlet(0.1), {model}, α {recipe['threshold']} | global "
-                "| personalized ρ=0.1 / 1 (standardized) / auto | time (s) "
+                "| personalized ρ=0.1 / 1 (standardized) / auto / auto + recalibration | time (s) "
                 "| upload per client (MB, float64) |", "|---|---|---|---|---|",
                 f"| in process (`fit_federated`) | {_pct(fed['global_accuracy'])} "
                 f"| {_pct(fed['personal_accuracy_0.1'])} / {_pct(fed['personal_accuracy_1'])} "
@@ -382,6 +393,11 @@ def render(result: dict) -> str:
             out += [f"| same, `personal-lambda = \"auto\"` | {_pct(auto['global_accuracy'])} "
                     f"| {_pct(auto['personal_accuracy'])} (auto) | {auto['seconds']:.0f} |", "",
                     f"Auto λ (standardized ρ) chosen per client: {chosen}."]  # fmt: skip
+        recal = fm.get("auto_recal")
+        if recal:
+            out.insert(len(out) - 2, f"| same, then `personal-recalibration = "
+                       f"{RECALIBRATION:g}` | {_pct(recal['global_accuracy'])} | "
+                       f"{_pct(recal['personal_accuracy'])} | {recal['seconds']:.0f} |")  # fmt: skip
         out.append("")
     return "\n".join(out).rstrip()
 

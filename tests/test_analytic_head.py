@@ -212,6 +212,33 @@ def test_auto_lambda_heads_are_each_clients_own_validated_choice(head_run):
         AnalyticHead(fedavg(), head="fc", personal_lambda="cv")
 
 
+def test_recalibrated_heads_refit_each_clients_scores(head_run):
+    """``personal_recalibration=ρ``: each client's ``W_k`` then refitted on ``[A W_k, 1]``."""
+    grid, _, first, _ = head_run
+    strategy = AnalyticHead(fedavg(), head="fc", gamma=GAMMA, lam=LAM, min_train_nodes=NUM_NODES,
+                            personal_recalibration=0.01)  # fmt: skip
+    result = strategy.start(grid, initial_arrays=first.arrays, num_rounds=0)
+    metrics = result.evaluate_metrics_clientapp[1]
+    ids, w = list(metrics["client-ids"]), strategy.weights
+    for pid in range(NUM_NODES):
+        train, test = SPLIT.client(DIGITS, pid)
+        a = design(features(backbone(result.arrays), train.x))
+        gram, cross = a.T @ a, a.T @ one_hot(train.y)
+        lam = LAM * np.trace(gram) / len(gram)
+        w_k = np.linalg.solve(gram + lam * np.eye(len(gram)), cross + lam * w)
+        x = design(a @ w_k)  # the client's scores and a ones column: [s, 1]
+        penalty = np.diag([0.01 * np.trace(x[:, :-1].T @ x[:, :-1]) / 10] * 10 + [0.0])
+        v = np.linalg.solve(x.T @ x + penalty, x.T @ one_hot(train.y) + penalty @ np.eye(11, 10))
+        scores = design(features(backbone(result.arrays), test.x)) @ w_k
+        acc = float(np.mean((design(scores) @ v).argmax(1) == test.y))
+        i = ids.index(pid)
+        assert metrics["personal-accuracy-clients"][i] == pytest.approx(acc, abs=1e-12)
+    print(f"\nrecalibrated heads: personal {metrics['personal-accuracy']:.4f} (global "
+          f"{metrics['global-accuracy']:.4f})")  # fmt: skip
+    with pytest.raises(ValueError, match="personal_recalibration: -1"):
+        AnalyticHead(fedavg(), head="fc", personal_recalibration=-1)
+
+
 def test_random_feature_expansion_is_the_ridge_on_expanded_features(head_run):
     """``expansion``: the head of ``[h, relu(hRᵀ + r), 1]``, loadable with ``expand_head``."""
     grid, _, first, _ = head_run

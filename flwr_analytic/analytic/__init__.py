@@ -2,7 +2,8 @@
 
 See :mod:`flwr_analytic.analytic.statistics` for ``(G, B, n)``, :mod:`~.solvers` for the closed forms,
 :mod:`~.targets` for hidden-layer schemes, :mod:`~.network` for the layered network,
-:mod:`~.personal_lambda` for each client's own pFedACnnL λ and :mod:`~.privacy` for secure
+:mod:`~.personal_lambda` for each client's own pFedACnnL λ, :mod:`~.recalibration` for its
+local recalibration, and :mod:`~.privacy` for secure
 aggregation, differential privacy and the server's release policies.
 """
 
@@ -10,6 +11,7 @@ from flwr_analytic.analytic.design import StatisticsAccumulator, conv_rows
 from flwr_analytic.analytic.network import AnalyticNetwork, layer_seed
 from flwr_analytic.analytic.personal_lambda import AutoLambda, LambdaChoice, select_lambda
 from flwr_analytic.analytic.privacy.release import DPRelease, ExactRelease, ReleasePolicy
+from flwr_analytic.analytic.recalibration import recalibrate
 from flwr_analytic.analytic.solvers import (
     IllConditionedWarning,
     Regularization,
@@ -57,6 +59,7 @@ __all__ = [
     "output_design",
     "personalize",
     "personalized_solve",
+    "recalibrate",
     "remove_client_statistics",
     "ridge_solve",
     "select_lambda",

@@ -20,6 +20,7 @@ import torch
 
 from flwr_analytic.analytic.network import AnalyticNetwork
 from flwr_analytic.analytic.personal_lambda import AutoLambda, LambdaChoice, global_leverage
+from flwr_analytic.analytic.recalibration import recalibrate
 from flwr_analytic.analytic.solvers import Regularization, personalized_solve
 from flwr_analytic.analytic.statistics import LayerStatistics, merge
 from flwr_analytic.data.batches import iter_batches
@@ -118,6 +119,7 @@ def personalize(
     layers: str = "last",
     *,
     output: LambdaChoice | None = None,
+    recalibration: float | None = None,
 ) -> list[np.ndarray]:
     """pFedACnnL: one client's personalized weights from the statistics it sent.
 
@@ -139,6 +141,10 @@ def personalize(
     output : LambdaChoice, optional
         The client's own output-layer λ (:func:`choose_output_lambda`): the output layer is
         ``output.weights`` (``W_k(ρ*)``, or the global layer for ``ρ* = ∞``).
+    recalibration : float, optional
+        ρ of the output layer's local recalibration, applied last
+        (:func:`~flwr_analytic.analytic.recalibration.recalibrate`; needs the output layer's
+        statistics and bias); ``None``: none.
 
     """
     if layers not in PERSONALIZE:
@@ -160,6 +166,11 @@ def personalize(
             continue
         w_global = out[layer]
         out[layer][:, :m] = personalized_solve(stats.gram, stats.cross, w_global[:, :m], reg)
+    if recalibration is not None:
+        stats = statistics[last]
+        if stats is None or not net.arch.has_bias(last):
+            raise ValueError("recalibration needs the output layer's statistics and its bias")
+        out[last] = recalibrate(stats.gram, stats.cross, out[last], recalibration)
     return out
 
 

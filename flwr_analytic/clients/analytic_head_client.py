@@ -33,7 +33,7 @@ from flwr.clientapp import ClientApp
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from flwr_analytic.analytic import LayerStatistics
+from flwr_analytic.analytic import LayerStatistics, recalibrate
 from flwr_analytic.analytic.head import (
     auto_personal_head,
     backbone_digest,
@@ -229,6 +229,11 @@ class AnalyticHeadHandlers:
             personal, metrics[P.PERSONAL_LAMBDA] = choice.weights, float(choice.rho)
         else:
             personal = personal_head(stats, w, P.personal_regularization(config), bias)
+        recalibration = P.personal_recalibration(config)  # then the client's own recalibration
+        if recalibration is not None:
+            if not bias:
+                raise ValueError(f"personal-recalibration needs a head with a bias ({self.head!r})")
+            personal = recalibrate(stats.gram, stats.cross, personal, recalibration)
         heads = {"global": w, "personal": personal}
         scores = evaluate_heads(model, self.head, test, heads, expansion, activation, batch_size)
         for name, res in scores.items():

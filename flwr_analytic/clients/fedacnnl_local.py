@@ -129,6 +129,8 @@ def evaluate_global_and_personal(
     With ``personal-lambda = "auto"`` in ``config`` the output layer's λ is the client's own
     (:func:`choose_output_lambdas`: exact leave-one-out on ``train``, one more forward pass over
     it, no communication); hidden layers (``personalize-layers = "all"``) keep the fixed ``lam``.
+    With ``personal-recalibration = ρ > 0`` the personalized output layer is then recalibrated on
+    the client's output statistics (:mod:`flwr_analytic.analytic.recalibration`).
 
     Returns
     -------
@@ -164,10 +166,12 @@ def evaluate_global_and_personal(
     choices: dict[str, LambdaChoice | None] = {"personal": None, "group-personal": None}
     if P.personal_lambda_mode(config) == "auto":
         choices = choose_output_lambdas(config, net, group, train, per_layer[-1])
-    own = personalize(net, per_layer, reg, which, output=choices["personal"])
+    recal = P.personal_recalibration(config)
+    own = personalize(net, per_layer, reg, which, output=choices["personal"], recalibration=recal)
     models = [("global", net), ("personal", net.with_weights(own))]
     if group is not None:
-        own = personalize(group, per_layer, reg, which, output=choices["group-personal"])
+        choice = choices["group-personal"]
+        own = personalize(group, per_layer, reg, which, output=choice, recalibration=recal)
         models += [("group", group), ("group-personal", group.with_weights(own))]
     metrics: dict[str, float] = {"train-examples": num_samples(train)}
     for prefix, choice in choices.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -216,16 +217,32 @@ PERSONAL_LAMBDA_MODES = ("fixed", "auto")
 #: clients' left-out scores of a layer fitted with their own samples
 #: (:func:`~flwr_analytic.analytic.personal_lambda.global_leverage`).
 GLOBAL_LEVERAGE = "global-leverage"
+#: ρ of each client's local recalibration of its output layer, after λ (``0``: none;
+#: :mod:`flwr_analytic.analytic.recalibration`).
+PERSONAL_RECALIBRATION = "personal-recalibration"
 
 
 def evaluate_settings(
-    lam: float, lam_rule: str, mode: str, leverage: Callable[[], float]
+    lam: float,
+    lam_rule: str,
+    mode: str,
+    leverage: Callable[[], float],
+    recalibration: float = 0.0,
 ) -> dict[str, Any]:
-    """The evaluate config's pFedACnnL entries: λ, its rule, the λ mode and (``auto``) ``h̄``."""
+    """The evaluate config's pFedACnnL entries: λ, its rule and mode, ``h̄``, recalibration ρ."""
     out: dict[str, Any] = {LAM: float(lam), LAM_RULE: lam_rule, PERSONAL_LAMBDA: mode}
     if mode == "auto":
         out[GLOBAL_LEVERAGE] = float(leverage())
+    out[PERSONAL_RECALIBRATION] = float(recalibration)
     return out
+
+
+def personal_recalibration(config: Mapping[str, Any]) -> float | None:
+    """The recalibration's ρ from an evaluate config (``None``: off, or not sent)."""
+    rho = float(config.get(PERSONAL_RECALIBRATION, 0.0))
+    if not (math.isfinite(rho) and rho >= 0):
+        raise ValueError(f"{PERSONAL_RECALIBRATION} must be finite and >= 0, got {rho!r}")
+    return rho if rho > 0 else None
 
 
 def auto_lambda_policy(config: Mapping[str, Any]) -> AutoLambda:

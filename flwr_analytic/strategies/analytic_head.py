@@ -48,6 +48,7 @@ from flwr_analytic.analytic.head import (
 )
 from flwr_analytic.analytic.personal_lambda import global_leverage
 from flwr_analytic.clients.analytic_head_client import ACTION, EXPANSION_ACTIVATION, HEAD
+from flwr_analytic.config_checks import check_choice, check_number
 from flwr_analytic.fedacnnl import protocol as P
 from flwr_analytic.report import short_list
 from flwr_analytic.strategies.availability import sample_available
@@ -124,6 +125,8 @@ class AnalyticHead(StrategyWrapper):
         head) by exact leave-one-out on its training data, with no extra communication
         (:func:`~flwr_analytic.analytic.head.auto_personal_head`); the evaluation reports every
         client's choice (``personal-lambda``) and their distribution. ``lam`` is then unused.
+    personal_recalibration : float (default: 0.0)
+        ρ > 0: each client then recalibrates its head (``analytic.recalibration``; needs a bias).
     expansion : RandomFeatures, optional
         Solve the head on ``[h, φ(h), 1]`` with a seeded random-feature expansion ``φ`` (off by
         default). The head's entries become those of
@@ -167,6 +170,7 @@ class AnalyticHead(StrategyWrapper):
         lam: float = 0.1,
         lam_rule: str = "relative",
         personal_lambda: str = "fixed",
+        personal_recalibration: float = 0.0,
         expansion: RandomFeatures | None = None,
         dtype: str = "float64",
         batch_size: int = 256,
@@ -182,27 +186,19 @@ class AnalyticHead(StrategyWrapper):
     ) -> None:
         super().__init__(strategy)
         self.head = head
-        self.gamma = Regularization(gamma, gamma_rule)
-        self.lam = Regularization(lam, lam_rule)
-        if self.lam.value <= 0:
-            raise ValueError(f"lam: {lam!r} is not allowed; pFedACnnL needs λ > 0")
-        if personal_lambda not in P.PERSONAL_LAMBDA_MODES:
-            raise ValueError(
-                f"personal_lambda: {personal_lambda!r} is not allowed; allowed values: "
-                f"{list(P.PERSONAL_LAMBDA_MODES)}"
-            )
-        self.personal_lambda = personal_lambda
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: {dtype!r} is not allowed; allowed values: {sorted(DTYPES)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: {batch_size!r} is not allowed; must be an integer >= 1")
-        if not (0.0 < float(fraction_train) <= 1.0 and 0.0 <= float(fraction_evaluate) <= 1.0):
-            raise ValueError(
-                f"fraction_train={fraction_train!r}, fraction_evaluate={fraction_evaluate!r}: "
-                "must be in (0, 1] and [0, 1]"
-            )
-        if int(min_valid_replies) < 1:
-            raise ValueError(f"min_valid_replies: {min_valid_replies!r}; must be >= 1")
+        check_number("lam", lam, low=0.0, low_open=True)  # pFedACnnL needs λ > 0
+        self.gamma, self.lam = Regularization(gamma, gamma_rule), Regularization(lam, lam_rule)
+        self.personal_lambda = check_choice(
+            "personal_lambda", personal_lambda, P.PERSONAL_LAMBDA_MODES
+        )
+        self.recalibration = float(
+            check_number("personal_recalibration", personal_recalibration, low=0)
+        )
+        check_choice("dtype", dtype, sorted(DTYPES))
+        check_number("batch_size", batch_size, low=1, integer=True)
+        check_number("fraction_train", fraction_train, low=0.0, high=1.0, low_open=True)
+        check_number("fraction_evaluate", fraction_evaluate, low=0.0, high=1.0)
+        check_number("min_valid_replies", min_valid_replies, low=1, integer=True)
         self.expansion, self.dtype, self.batch_size = expansion, dtype, int(batch_size)
         self.sampling = {
             "train": (float(fraction_train), int(min_train_nodes)),
@@ -426,8 +422,10 @@ class AnalyticHead(StrategyWrapper):
             stats = self.statistics
             return 0.0 if stats is None else global_leverage(stats, self.gamma, self._bias)
 
+        if self.recalibration and not self._bias:
+            raise ValueError(f"personal_recalibration needs a head with a bias ({self.head!r})")
         lam, mode = self.lam, self.personal_lambda
-        cfg.update(P.evaluate_settings(lam.value, lam.rule, mode, leverage))
+        cfg.update(P.evaluate_settings(lam.value, lam.rule, mode, leverage, self.recalibration))
         return self._messages(grid, "evaluate", arrays, cfg)
 
     def aggregate_evaluate(

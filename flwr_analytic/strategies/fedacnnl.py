@@ -74,9 +74,10 @@ class FedACnnL(Strategy):
         ``relative`` scales the ridge / λ by ``trace(G)/D`` (``solvers.Regularization``).
     lam : float (default: 0.1)
         pFedACnnL's λ (> 0; λ → ∞ is the global model, λ → 0 the local ridge model).
-    personal_lambda : {"fixed", "auto"} (default: "fixed")
-        ``auto``: each client picks its output layer's ρ (in ``lam_rule``) by exact leave-one-out
-        on its data (:mod:`~flwr_analytic.analytic.personal_lambda`); ``lam`` is then unused.
+    personal_lambda, personal_recalibration : {"fixed", "auto"}, float (default: "fixed", 0.0)
+        ``auto``: each client picks its output layer's ρ (``lam_rule``) by exact leave-one-out
+        (``analytic.personal_lambda``; ``lam`` unused). Recalibration ρ > 0: each client then
+        refits its layer on its own scores (``analytic.recalibration``: prior and confusions).
     personalize_layers : {"last", "all"} (default: "last")
         Personalize the output layer (the paper) or every layer that regresses onto labels.
     seed : int (default: 0)
@@ -114,8 +115,7 @@ class FedACnnL(Strategy):
     weighted_by_key, arrayrecord_key, configrecord_key : str
         Record keys (defaults ``num-examples``, ``arrays``, ``config``).
     evaluate_metrics_aggr_fn : callable, optional
-        ``(list[RecordDict], str) -> MetricRecord``; default
-        :func:`~flwr_analytic.strategies.evaluation.aggregate_personalized_evaluation`.
+        ``(list[RecordDict], str) -> MetricRecord``; default ``aggregate_personalized_evaluation``.
     action : str (default: "fedacnnl")
         Messages are ``train.<action>`` / ``evaluate.<action>`` (``"default"``: ``train``), so a
         project's client app serves them next to its own (``clients.add_fedacnnl_handlers``).
@@ -136,6 +136,7 @@ class FedACnnL(Strategy):
         lam: float = 0.1,
         lam_rule: str = "relative",
         personal_lambda: str = "fixed",
+        personal_recalibration: float = 0.0,
         personalize_layers: str = "last",
         batch_size: int = 256,
         fraction_train: float = 1.0,
@@ -160,6 +161,7 @@ class FedACnnL(Strategy):
         self.server = LayerwiseServer(architecture, scheme, **analytic)
         self.architecture, self.scheme = architecture, scheme
         self.lam, self.lam_rule, self.personal_lambda = lam, lam_rule, personal_lambda
+        self.personal_recalibration = float(personal_recalibration)
         self.personalize_layers, self.batch_size = personalize_layers, batch_size
         self.fraction_train, self.fraction_evaluate = fraction_train, fraction_evaluate
         self.min_train_nodes, self.min_available_nodes = min_train_nodes, min_available_nodes
@@ -357,7 +359,7 @@ class FedACnnL(Strategy):
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluation")
         cfg, sent, messages = self._config(config, server_round), self.global_arrays(), []
         settings = (self.lam, self.lam_rule, self.personal_lambda, self.server.output_leverage)
-        cfg.update(P.evaluate_settings(*settings))
+        cfg.update(P.evaluate_settings(*settings, self.personal_recalibration))
         for node_id in node_ids:
             content = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: cfg})
             group = self.server.group_of_node.get(node_id)
@@ -389,10 +391,9 @@ class FedACnnL(Strategy):
     def start(self, grid: Grid, *args: Any, **kwargs: Any) -> Result:
         """Run FedACnnL: one round per fitted layer (plus retries), then evaluation.
 
-        Arguments as Flower's ``Strategy.start`` (``initial_arrays`` optional and only checked,
-        ``num_rounds`` defaults to the fitted layers). Flower's loop cannot express FedACnnL
-        (fixed rounds, ``evaluate_fn`` on incomplete models, replies as a list), so it runs
-        :func:`~.layerwise_loop.run_layerwise` (the same calls in the same order).
+        Arguments as Flower's ``Strategy.start`` (``initial_arrays`` only checked, ``num_rounds``
+        the fitted layers by default), run by :func:`~.layerwise_loop.run_layerwise`: Flower's
+        loop cannot express FedACnnL (fixed rounds, ``evaluate_fn`` on incomplete models).
         """
         return run_layerwise(self, grid, *args, **kwargs)
 
@@ -426,9 +427,8 @@ class FedACnnL(Strategy):
     def add_clients(self, statistics: Iterable[Any], *, remove: bool = False) -> np.ndarray:
         """Join clients after training: ``W = (G + ΣG_j + γI)⁻¹(B + ΣB_j)`` (no round).
 
-        Each item is a client's output-layer statistics (``LayerStatistics`` or packed). Exact
-        for the output layer given the hidden layers; group layers are not updated.
-        ``remove=True``: :meth:`remove_clients`.
+        Each item: a client's output-layer statistics (``LayerStatistics`` or packed). Exact for
+        the output layer given the hidden layers; group layers not updated (``remove=True``: undo).
         """
         w, details = self.server.update_output(statistics, remove=remove)
         kind = "remove-clients" if remove else "add-clients"

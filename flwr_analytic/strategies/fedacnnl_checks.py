@@ -29,6 +29,7 @@ def check_fedacnnl_arguments(args: Mapping[str, Any]) -> None:
     check_number("hidden_gamma", args["hidden_gamma"], low=0.0)
     check_number("lam", args["lam"], low=0.0, low_open=True)  # λ → 0 is the local model
     check_number("pull_interval", args["pull_interval"], low=0.0, low_open=True)
+    check_number("personal_recalibration", args["personal_recalibration"], low=0.0)
     for key, allowed in (
         ("gamma_rule", RULES),
         ("lam_rule", RULES),

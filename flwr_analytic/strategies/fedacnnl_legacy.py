@@ -182,7 +182,11 @@ class FedACnnLLegacy(LegacyStrategy):
         config = self._config(server_round)
         config.update(
             P.evaluate_settings(
-                core.lam, core.lam_rule, core.personal_lambda, core.server.output_leverage
+                core.lam,
+                core.lam_rule,
+                core.personal_lambda,
+                core.server.output_leverage,
+                core.personal_recalibration,
             )
         )
         clients = self._sample(client_manager, core.fraction_evaluate, core.min_evaluate_nodes)
