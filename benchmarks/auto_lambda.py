@@ -12,7 +12,9 @@ In process, no Flower and no Ray: FedACnnL trains the package's default analytic
 ``cnn`` with ``label-pca`` targets, float64, seed 0: the app's run-config defaults) on each setup
 once (:func:`~flwr_analytic.analytic.fit_federated`); every client then scores the global model,
 the fixed ρ = 0.1 model and each auto-λ policy's model
-(:func:`~flwr_analytic.analytic.choose_output_lambda` on the statistics it sent). Setups: digits
+(:func:`~flwr_analytic.analytic.choose_output_lambda` on the statistics it sent); the ``auto``
+model is also scored recalibrated (``personal-recalibration`` ρ = 0.01,
+:mod:`flwr_analytic.analytic.recalibration`). Setups: digits
 IID over 10 and 20 clients; a seeded 12,000-image subset of MNIST's official training images IID
 over 10 and 20 clients; MNIST's precomputed Dirichlet(0.1) 20-client split stored in
 ``../shared/data/mnist70k.npz`` (``client``, ``is_test``; all 70k images). Each client's own data

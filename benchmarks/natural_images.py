@@ -14,7 +14,8 @@ seeded permutation. Rows, each with wall time and peak memory:
 - backprop (Adam, lr 1e-3, batch 128) of the ``cnn`` architecture, its accuracy at the analytic
   time and at 5× the analytic time;
 - federated: 20 clients Dirichlet(0.1) over all 20k images (flwr-datasets partitioner, per-client
-  75/25 split), FedACnnL global and pFedACnnL personalized accuracy (weighted by test size);
+  75/25 split), FedACnnL global and pFedACnnL personalized accuracy (weighted by test size): fixed
+  ρ 0.1 and 1, auto λ, and auto λ then ``personal-recalibration`` (:data:`RECALIBRATION`);
 - Fashion-MNIST Dirichlet(0.1), 20 clients, through the FedACnnL app (strategy + client app) on an
   in-process grid (:func:`fashion_federated`).
 
@@ -270,8 +271,9 @@ def fashion_federated(quick: bool, scheme_name: str = "zca-kmeans") -> dict:
 
     The app's own data path (official 60k training images partitioned by flwr-datasets,
     ``min-partition-size`` 20, per-client 25% test), as ``benchmarks/time_to_accuracy.py`` uses it;
-    the ``coates`` model, float32, standardized head ridge. Two runs: fixed ``lam`` 0.1 (relative),
-    then ``personal-lambda = "auto"`` with ``lam-rule = "standardized"`` (the same global model).
+    the ``coates`` model, float32, standardized head ridge. Three runs: fixed ``lam`` 0.1 (relative),
+    then ``personal-lambda = "auto"`` with ``lam-rule = "standardized"``, then the same with
+    ``personal-recalibration`` (the same global model each time).
     """
     from flwr_analytic.clients import make_fedacnnl_client_app
     from flwr_analytic.fedacnnl import LocalGrid, resolve_run_config
