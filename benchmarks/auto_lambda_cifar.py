@@ -22,7 +22,12 @@ Every personalized head's predictions on the scored part come from the client's 
 (:class:`~flwr_analytic.analytic.leave_one_out.LeaveOneOut`, dual form: ``n < D``), not from 29
 solves of a 6,401-wide system per client and rule.
 
+With ``--mirror`` the recipe network is mirrored (:mod:`flwr_analytic.analytic.mirror`): every
+image and its mirror enter the statistics (a client's rows are both views), and the scored rows
+are the mean of the two views' features (the linear head's two-view score).
+
     python benchmarks/auto_lambda_cifar.py           # about 6 minutes on 2 cores, 17 GiB
+    python benchmarks/auto_lambda_cifar.py --mirror  # about 13 minutes
     python benchmarks/auto_lambda_cifar.py --quick   # 3k images, 200 channels
 """
 
@@ -41,6 +46,7 @@ from scipy import linalg
 
 from flwr_analytic.analytic import AutoLambda, Regularization, fit_federated
 from flwr_analytic.analytic.leave_one_out import LeaveOneOut
+from flwr_analytic.analytic.mirror import mirror_images
 from flwr_analytic.analytic.personal_lambda import DEFAULT_GRID, choose_rho
 from flwr_analytic.analytic.recalibration import DEFAULT_RHO, recalibrate
 from flwr_analytic.analytic.solvers import standardized_penalty
@@ -120,9 +126,19 @@ def leave_client_out(total, factor, a: np.ndarray, t: np.ndarray) -> tuple[np.nd
     return w_out, float(np.mean(np.diag(hat)))
 
 
-def run(quick: bool) -> dict:
+def scored_design(net, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows that score ``x``: ``output_design``, for a mirrored network the mean of both views."""
+    mirror, net.mirror = net.mirror, False
+    av, yv = output_design(net, x, y, 100)
+    if mirror:
+        av = 0.5 * (av + output_design(net, mirror_images(x), y, 100)[0])
+    net.mirror = mirror
+    return av, yv
+
+
+def run(quick: bool, mirror: bool = False) -> dict:
     x, y, fit_parts, scored_parts = clients(quick)
-    net = recipe_net(quick)
+    net = recipe_net(quick, mirror)
     net.output_reg = GAMMA
     t0 = time.perf_counter()
     fit = fit_federated(net, [(x[i], y[i]) for i in fit_parts], batch_size=50)
@@ -137,7 +153,7 @@ def run(quick: bool) -> dict:
     rows = []
     for k, (fit_rows, scored_rows) in enumerate(zip(fit_parts, scored_parts, strict=True)):
         a, labels = output_design(net, x[fit_rows], y[fit_rows], 100)
-        av, yv = output_design(net, x[scored_rows], y[scored_rows], 100)
+        av, yv = scored_design(net, x[scored_rows], y[scored_rows])
         t = one_hot(labels, 10)
         w_out, own_leverage = leave_client_out(total, factor, a, t)
         row = {
@@ -199,6 +215,7 @@ def run(quick: bool) -> dict:
             },
         }
     return {
+        "mirror": mirror,
         "global_leverage": leverage,
         "fit_seconds": fit_seconds,
         "summary": summary,
@@ -211,7 +228,9 @@ def render(result: dict) -> str:
     s = result["summary"]
     lev = [r["mean_leverage"] for r in result["clients"] if r["fit"] >= 10]
     out = [
-        f"Global layer: {100 * s['global']:.2f}% on the scored parts, "
+        "Mirrored network (every image and its mirror; two-view scores). "
+        * result.get("mirror", 0)
+        + f"Global layer: {100 * s['global']:.2f}% on the scored parts, "
         f"{100 * s['global_on_own_fit_samples']:.2f}% on the samples it was fitted on; "
         f"h̄ = {result['global_leverage']:.3f}; the clients' exact mean leverages "
         f"{min(lev):.3f}–{max(lev):.3f} (clients with ≥ 10 samples).",
@@ -234,17 +253,20 @@ def render(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--mirror", action="store_true", help="the mirrored recipe network")
     parser.add_argument("--out", default=None)
     parser.add_argument("--render", action="store_true", help="print the table of --out")
     args = parser.parse_args()
-    out = Path(args.out) if args.out else RESULTS / f"auto_lambda_cifar{'_quick' * args.quick}.json"
+    name = f"auto_lambda_cifar{'_mirror' * args.mirror}{'_quick' * args.quick}.json"
+    out = Path(args.out) if args.out else RESULTS / name
     if args.render:
         print(render(json.loads(out.read_text())))
         return
     torch.set_num_threads(2)
     result = {"environment": environment(), "protocol": __doc__, "quick": args.quick}
-    result |= run(args.quick)
-    result["command"] = "python benchmarks/auto_lambda_cifar.py" + " --quick" * args.quick
+    result |= run(args.quick, args.mirror)
+    flags = " --mirror" * args.mirror + " --quick" * args.quick
+    result["command"] = "python benchmarks/auto_lambda_cifar.py" + flags
     write_json(out, result)
     print(render(result))
 

@@ -34,9 +34,11 @@ RENDERED = (
     ("scale.py", "scale.json"),
     ("dp_accuracy.py", "dp_accuracy.json"),
     ("natural_images.py", "natural_images.json"),
+    ("fashion_validation.py", "fashion_validation.json"),
     ("auto_lambda.py", "auto_lambda_dev.json"),
     ("auto_lambda.py", "auto_lambda.json"),
     ("auto_lambda_cifar.py", "auto_lambda_cifar.json"),
+    ("auto_lambda_cifar.py", "auto_lambda_cifar_mirror.json"),
     ("warm_start.py", "warm_start.json"),
 )
 

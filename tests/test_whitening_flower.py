@@ -120,6 +120,20 @@ def test_run_config_keys_set_the_encoder_and_reach_the_clients(digits):
     assert not build_fedacnnl_strategy(cfg).net.schemes[0].polarity  # the paper's encoder
 
 
+def test_coates_grid_sets_the_pooling_grid_and_bad_grids_are_refused():
+    from flwr_analytic.config_checks import ConfigError
+    from flwr_analytic.strategies.fedacnnl_server import build_fedacnnl_strategy
+
+    cfg = {"model": "coates", "coates-filters": 16, "scheme": "zca-kmeans"}
+    for grid in (1, 2, 3):  # digits 8x8, 6x6 filters: 3x3 maps
+        net = build_fedacnnl_strategy({**cfg, "coates-grid": grid}).net
+        assert net.design_dim(1) == grid * grid * 16 + 1
+    with pytest.raises(ConfigError, match="coates-grid: 4 on 'digits'.*does not fit"):
+        build_fedacnnl_strategy({**cfg, "coates-grid": 4})
+    with pytest.raises(ConfigError, match="coates-grid: 0 is not allowed"):
+        build_fedacnnl_strategy({**cfg, "coates-grid": 0})
+
+
 def test_polarity_bad_input_is_refused_before_any_round():
     from flwr_analytic.config_checks import ConfigError
     from flwr_analytic.strategies.fedacnnl_server import build_fedacnnl_strategy

@@ -28,6 +28,7 @@ from flwr_analytic.analytic.design import (  # noqa: F401  (re-exported: the par
     params_to_design,
     without_bias,
 )
+from flwr_analytic.analytic.mirror import mirror_mean, with_mirrors
 from flwr_analytic.analytic.solvers import Regularization, ridge_solve
 from flwr_analytic.analytic.statistics import LayerStatistics, StatisticsError
 from flwr_analytic.analytic.targets import TargetScheme, one_hot
@@ -71,6 +72,8 @@ class AnalyticNetwork:
     dtype : {"float64", "float32"}
         Precision of the forward pass and of each batch's Gram product (sums are always float64).
         ``float64`` makes federated and centralized training agree to rounding; ``float32`` is faster.
+    mirror : bool
+        Train on every sample and its left-right mirror, score by their mean (:mod:`.mirror`).
 
     """
 
@@ -83,6 +86,7 @@ class AnalyticNetwork:
         output_reg: Regularization | None = None,
         seed: int = 0,
         dtype: str = "float64",
+        mirror: bool = False,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
@@ -98,7 +102,7 @@ class AnalyticNetwork:
         self.hidden_reg = hidden_reg or Regularization(1e-2)
         self.output_reg = output_reg or Regularization(1e-6)
         self.seed = seed
-        self.dtype = dtype
+        self.dtype, self.mirror = dtype, bool(mirror)
         self.module: torch.nn.Module = arch.build_module().to(_DTYPES[dtype]).eval()
         self.weights: list[np.ndarray | None] = [None] * arch.num_layers
         #: The next layer's k-means while a ``zca-kmeans`` layer is being fitted (else ``None``).
@@ -230,7 +234,8 @@ class AnalyticNetwork:
         kmeans = self.kmeans if layer == self.solved_layers else None
         stride = self.schemes[layer].sample_stride if kmeans is not None else 1
         a = torch.from_numpy(kmeans.assignment()) if kmeans is not None else None
-        for xb, yb in self._batches(x, y, batch_size):
+        source = self._batches(x, y, batch_size)
+        for xb, yb in with_mirrors(source) if self.mirror else source:
             patches = self.design_rows(layer, xb, stride)
             if a is not None:  # a Lloyd's round: each sampled row's nearest centroid
                 a = a.to(patches.dtype)
@@ -379,7 +384,11 @@ class AnalyticNetwork:
             chunks = (x[sl] for sl in batches(len(x), batch_size))
         else:
             chunks = (xb for xb, _ in self._batches(x, None, batch_size))
-        out = [self.module(self._as_tensor(xb)).numpy() for xb in chunks]
+
+        def score(xb: Any) -> np.ndarray:
+            return self.module(self._as_tensor(xb)).numpy()
+
+        out = [mirror_mean(score, xb) if self.mirror else score(xb) for xb in chunks]
         return np.concatenate(out) if out else np.zeros((0, self.arch.num_classes))
 
     @torch.no_grad()

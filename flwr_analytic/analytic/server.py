@@ -6,18 +6,15 @@ with the solved layers ``< l``; the server checks each contribution, sums them a
 
     W_l = (ΣG_k + γI)⁻¹ ΣB_k        (output layer; hidden layers: the target scheme's rule)
 
-from the sum alone. Because ``ΣG_k`` is the pooled ``AᵀA``, the result equals centralized training on
-the pooled data for any partition. This module holds that state and those operations so that any
-transport (Flower's Message API, the legacy API, SecAgg+, a test harness) drives the same code:
+from the sum alone, equal to centralized training on the pooled data for any partition. This module
+holds that state so that any transport (Message API, legacy, SecAgg+, tests) drives one code:
 
 * the *aggregation policy* (:mod:`flwr_analytic.analytic.aggregation`): hold every contribution and
   sum in :class:`ClientKey` order (bit-reproducible whatever the arrival order), or add each one on
   arrival into one float64 accumulator (memory ``O(D²)`` for any number of clients);
 * :class:`LayerwiseServer` — the network being solved, the open sum of the current layer (kept
-  across retries), ``solve(total, num_contributors)`` through a *release policy*
-  (:mod:`flwr_analytic.analytic.privacy.release`: exact or differentially private statistics),
-  group-wise output layers, adding/removing clients, a configuration fingerprint and the
-  checkpoint state.
+  across retries), ``solve`` through a *release policy* (:mod:`.privacy.release`: exact or DP
+  statistics), group-wise output layers, adding/removing clients, fingerprint and checkpoint.
 """
 
 from __future__ import annotations
@@ -60,6 +57,7 @@ class AnalyticOptions(TypedDict, total=False):
     gamma_rule: str
     seed: int
     dtype: str
+    mirror: bool
     aggregation: str
     release: Any
     num_groups: int
@@ -73,6 +71,7 @@ ANALYTIC_DEFAULTS: dict[str, Any] = {
     "gamma_rule": "relative",
     "seed": 0,
     "dtype": "float64",
+    "mirror": False,
     "aggregation": "sorted",
     "release": None,
     "num_groups": 0,
@@ -110,11 +109,12 @@ class LayerwiseServer:
         Seed of label encodings and random filters.
     dtype : {"float64", "float32"} (default: "float64")
         Precision of the clients' forward pass (sums are float64).
+    mirror : bool (default: False)
+        Statistics of every image and its mirror; scores: their mean (:mod:`.mirror`).
     aggregation : {"sorted", "streaming"} (default: "sorted")
         The aggregation policy (:class:`SortedSum` / :class:`StreamingSum`).
     release : ReleasePolicy, optional
-        What clients release: :class:`~flwr_analytic.analytic.privacy.release.ExactRelease`
-        (default) or ``DPRelease`` (Gaussian-noised statistics, public ridge).
+        What clients release: ``ExactRelease`` (default) or ``DPRelease`` (:mod:`.privacy.release`).
     num_groups : int (default: 0)
         ``>= 2``: one output layer per group of clients clustered by label distribution.
     min_valid_replies : int (default: 1)
@@ -132,6 +132,7 @@ class LayerwiseServer:
         gamma_rule: str = "relative",
         seed: int = 0,
         dtype: str = "float64",
+        mirror: bool = False,
         aggregation: str = "sorted",
         release: ReleasePolicy | None = None,
         num_groups: int = 0,
@@ -143,7 +144,7 @@ class LayerwiseServer:
             )
         self.architecture, self.scheme = architecture, scheme
         self.gamma, self.hidden_gamma, self.gamma_rule = gamma, hidden_gamma, gamma_rule
-        self.seed, self.dtype = seed, dtype
+        self.seed, self.dtype, self.mirror = seed, dtype, bool(mirror)
         self.aggregation = aggregation
         self.release: ReleasePolicy = release if release is not None else ExactRelease()
         self.num_groups = int(num_groups)
@@ -167,6 +168,7 @@ class LayerwiseServer:
             output_reg=Regularization(self.gamma, self.gamma_rule),
             seed=self.seed,
             dtype=self.dtype,
+            mirror=self.mirror,
         )
         #: summed statistics of every solved layer (the output layer's serve add/remove clients)
         self.layer_statistics: dict[int, LayerStatistics] = {}
@@ -211,13 +213,11 @@ class LayerwiseServer:
         claimed_layer: Any = None,
         metrics: Mapping[str, Any] | None = None,
     ) -> LayerStatistics:
-        """Unpack and check one client's statistics of the current layer.
+        """Unpack and check one client's statistics of the current layer (``StatisticsError``).
 
-        In order: the claimed layer, an integer ``num_examples``, the strict unpack (known keys,
-        sizes of this layer's ``D`` and ``m`` before any ``D x D`` allocation), the release
-        policy's checks (exact: float64, finite, symmetric, ``G[-1,-1] = n·L``, positive
-        semi-definite, label histogram; DP: what honest noisy statistics pass, and the announced
-        noise parameters) and ``count == num_examples``. Raises ``StatisticsError``.
+        In order: the claimed layer, an integer ``num_examples``, the strict unpack (keys, ``D``,
+        ``m`` before any ``D x D`` allocation), the release policy's checks (exact: float64, finite,
+        symmetric, ``G[-1,-1] = n·L``, PSD, labels; DP: the noise) and ``count == num_examples``.
         """
         layer = self.layer
         if claimed_layer is not None:
@@ -391,6 +391,7 @@ class LayerwiseServer:
             "gamma-rule": self.gamma_rule,
             "seed": int(self.seed),
             "dtype": self.dtype,
+            **({"mirror": True} if self.mirror else {}),  # older checkpoints stay valid
             "num-groups": int(self.num_groups),
             "aggregation": self.aggregation,
             **self.release.fingerprint(),

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flwr_analytic.analytic.mirror import with_mirrors
 from flwr_analytic.analytic.network import AnalyticNetwork
 from flwr_analytic.analytic.personal_lambda import AutoLambda, LambdaChoice, global_leverage
 from flwr_analytic.analytic.recalibration import recalibrate
@@ -182,7 +183,8 @@ def output_design(
 
     Row ``n`` is ``[h(x_n), 1]``: the input of the (dense) output layer, ``x_n`` forwarded through
     the solved layers below, flattened, with the bias entry, as in the statistics
-    ``G = AᵀA``, ``B = AᵀT`` (:meth:`AnalyticNetwork.statistics`). float64; memory ``n·D``.
+    ``G = AᵀA``, ``B = AᵀT`` (:meth:`AnalyticNetwork.statistics`; a mirrored network's rows are
+    those of every sample and its mirror, in that order per batch). float64; memory ``n·D``.
 
     Parameters
     ----------
@@ -198,7 +200,8 @@ def output_design(
     if net.arch.conv_geometry(last) is not None:
         raise ValueError("the output layer is a convolution: its design rows are patches")
     rows, labels = [], []
-    for xb, yb in iter_batches((x, y) if y is not None else x, batch_size):
+    source = iter_batches((x, y) if y is not None else x, batch_size)
+    for xb, yb in with_mirrors(source) if net.mirror else source:
         h = torch.flatten(net.layer_input(last, xb), 1)
         rows.append(h.to(torch.float64).numpy())
         labels.append(np.asarray(yb, dtype=np.int64))

@@ -88,6 +88,7 @@ RUN_CONFIG = ConfigTable(
         Param("cnn-dense", "", IntList(), 'cnn: dense widths like "128" ("" = none)'),
         Param("mlp-hidden", 0, _INT0, "mlp: hidden width (0 = default)"),
         Param("coates-filters", 0, _INT0, "coates: number of filters (0 = default 1,600)"),
+        Param("coates-grid", 2, _INT1, "coates: pooling grid g×g (2 = quadrants)"),
         # analytic learning
         Param("scheme", "label-pca", Options(SCHEMES), "targets of the hidden layers"),
         Param("zca-threshold", 0.25, Interval(float), "zca-*: encoder α in max(0, cᵀx̃ − α)"),
@@ -117,6 +118,7 @@ RUN_CONFIG = ConfigTable(
             "ρ > 0: each client refits its output layer's scores [s, 1] ↦ V (0: off)",
         ),
         Param("personalize-layers", "last", Options(("last", "all")), "layers pFedACnnL adapts"),
+        Param("mirror", False, Boolean(), "train on images and their mirrors, score the mean"),
         Param("seed", 0, _INT0, "seed of the split, random targets and sampling"),
         Param("dtype", "float64", Options(("float64", "float32")), "float32: faster, rounder"),
         Param("batch-size", 256, _INT1, "samples per forward pass when computing statistics"),

@@ -38,9 +38,16 @@ def architecture_for(cfg: Mapping[str, Any]) -> Architecture:
         kwargs["dense"] = int_list(cfg["cnn-dense"])
     if cfg["model"] == "mlp" and int(cfg["mlp-hidden"]) > 0:
         kwargs["hidden"] = int(cfg["mlp-hidden"])
-    if cfg["model"] == "coates" and int(cfg["coates-filters"]) > 0:
-        kwargs["filters"] = int(cfg["coates-filters"])
-    return get_architecture(str(cfg["model"]), shape, classes, **kwargs)
+    if cfg["model"] == "coates":
+        kwargs["grid"] = int(cfg["coates-grid"])
+        if int(cfg["coates-filters"]) > 0:
+            kwargs["filters"] = int(cfg["coates-filters"])
+    try:
+        return get_architecture(str(cfg["model"]), shape, classes, **kwargs)
+    except ValueError as exc:
+        if cfg["model"] != "coates":
+            raise
+        raise ConfigError(f"coates-grid: {cfg['coates-grid']} on {name!r}: {exc}") from exc
 
 
 def scheme_for(cfg: Mapping[str, Any]) -> str | TargetScheme:

@@ -53,6 +53,8 @@ ARCHITECTURE = "architecture"
 SCHEME = "scheme"
 SEED = "seed"
 DTYPE = "dtype"
+#: Sent only when true: the network trains on mirrored images too (:mod:`~flwr_analytic.analytic.mirror`).
+MIRROR = "mirror"
 BATCH_SIZE = "batch-size"
 LAM = "lam"
 LAM_RULE = "lam-rule"
@@ -182,6 +184,7 @@ def network_config(net: AnalyticNetwork, batch_size: int) -> dict[str, Any]:
         SEED: int(net.seed),
         DTYPE: net.dtype,
         BATCH_SIZE: int(batch_size),
+        **({MIRROR: True} if net.mirror else {}),  # absent: not mirrored (older servers)
     }
 
 
@@ -200,6 +203,7 @@ def network_from_config(
         schemes if schemes else "label-pca",
         seed=int(config[SEED]),
         dtype=str(config[DTYPE]),
+        mirror=bool(config.get(MIRROR, False)),
     )
 
 

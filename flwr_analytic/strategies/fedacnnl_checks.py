@@ -36,6 +36,7 @@ def check_fedacnnl_arguments(args: Mapping[str, Any]) -> None:
         ("personal_lambda", P.PERSONAL_LAMBDA_MODES),
         ("personalize_layers", ("last", "all")),
         ("dtype", ("float64", "float32")),
+        ("mirror", (False, True)),
         ("aggregation", AGGREGATIONS),
     ):
         check_choice(key, args[key], allowed)

@@ -51,7 +51,7 @@ def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
         architecture_for(cfg),
         scheme_for(cfg),
         **cfg.kwargs("gamma", "hidden-gamma", "gamma-rule", "lam", "lam-rule", "personal-lambda"),
-        **cfg.kwargs("personal-recalibration", "personalize-layers", "seed", "dtype"),
+        **cfg.kwargs("personal-recalibration", "personalize-layers", "seed", "dtype", "mirror"),
         **cfg.kwargs("batch-size", "num-groups"),
         **cfg.kwargs("aggregation", "max-in-flight", "availability-timeout"),
         **sampling_options(cfg),
