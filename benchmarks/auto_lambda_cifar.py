@@ -129,10 +129,12 @@ def leave_client_out(total, factor, a: np.ndarray, t: np.ndarray) -> tuple[np.nd
 def scored_design(net, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows that score ``x``: ``output_design``, for a mirrored network the mean of both views."""
     mirror, net.mirror = net.mirror, False
-    av, yv = output_design(net, x, y, 100)
-    if mirror:
-        av = 0.5 * (av + output_design(net, mirror_images(x), y, 100)[0])
-    net.mirror = mirror
+    try:
+        av, yv = output_design(net, x, y, 100)
+        if mirror:
+            av = 0.5 * (av + output_design(net, mirror_images(x), y, 100)[0])
+    finally:
+        net.mirror = mirror
     return av, yv
 
 

@@ -223,8 +223,8 @@ class FedACnnL(Strategy):
         log(INFO, "\t│\t├──Schemes %s | γ: output %g, hidden %g (%s) | λ: %g (%s, %s), personalize %s",
             [x.summary() for x in self.net.schemes], s.gamma, s.hidden_gamma, s.gamma_rule, self.lam,
             self.lam_rule, self.personal_lambda, self.personalize_layers)  # fmt: skip
-        log(INFO, "\t│\t└──aggregation %s, release %s, groups %d, seed %d, dtype %s",
-            s.aggregation, s.release.name, s.num_groups, s.seed, s.dtype)  # fmt: skip
+        log(INFO, "\t│\t└──aggregation %s, release %s, groups %d, seed %d, dtype %s%s",
+            s.aggregation, s.release.name, s.num_groups, s.seed, s.dtype, ", mirror" * s.mirror)  # fmt: skip
         log(INFO, "\t└──> Sampling: fraction train %.2f / evaluate %.2f, min nodes %d / %d / %d",
             self.fraction_train, self.fraction_evaluate, self.min_train_nodes,
             self.min_evaluate_nodes, self.min_available_nodes)  # fmt: skip
