@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,19 @@ def round_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["evaluate-time"] = float(record["round-time"])
             row["evaluate"] = metrics or None
     return [by_round[r] for r in sorted(by_round)]
+
+
+def out_or_render(doc: str, name: str, render: Callable[[dict], str]) -> Path | None:
+    """The ``--out`` JSON of a benchmark without other options (default ``RESULTS / name``).
+
+    With ``--render``, prints ``render`` of that JSON and returns ``None``: the caller stops.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--render", action="store_true", help="print the table of --out")
+    args = parser.parse_args()
+    out = Path(args.out) if args.out else RESULTS / name
+    if args.render:
+        print(render(json.loads(out.read_text())))
+        return None
+    return out

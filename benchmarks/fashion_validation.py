@@ -12,14 +12,11 @@ validation images are scored both ways: one view and the mean of both views.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, environment, peak_rss_gib, write_json
+from common import environment, out_or_render, peak_rss_gib, write_json
 
 from flwr_analytic.analytic import AnalyticNetwork, Regularization
 from flwr_analytic.analytic.mirror import mirror_images
@@ -91,13 +88,8 @@ def render(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--render", action="store_true", help="print the table of --out")
-    args = parser.parse_args()
-    out = Path(args.out) if args.out else RESULTS / "fashion_validation.json"
-    if args.render:
-        print(render(json.loads(out.read_text())))
+    out = out_or_render(__doc__, "fashion_validation.json", render)
+    if out is None:
         return
     torch.set_num_threads(2)
     train = load_fashion_mnist(split="train")

@@ -35,6 +35,7 @@ RENDERED = (
     ("dp_accuracy.py", "dp_accuracy.json"),
     ("natural_images.py", "natural_images.json"),
     ("fashion_validation.py", "fashion_validation.json"),
+    ("fashion_personal_dev.py", "fashion_personal_dev.json"),
     ("auto_lambda.py", "auto_lambda_dev.json"),
     ("auto_lambda.py", "auto_lambda.json"),
     ("auto_lambda_cifar.py", "auto_lambda_cifar.json"),
