@@ -12,8 +12,8 @@ are sums: federated = centralized). The head rows are computed once; then, for t
 the global head (standardized γ) and pFedACnnL ``W_k = W + (G_k + Λ)⁻¹(B_k − G_kW)`` for fixed ρ under
 the ``standardized`` and ``relative`` rules, ``personal-lambda = "auto"`` (exact leave-one-out,
 :func:`~flwr_analytic.analytic.personal_lambda.select_lambda`), and the per-client oracle: every
-client's best of the global head and all fixed ρ, counted on the very rows it is scored on. The oracle
-is a bound for any per-client choice of λ among these, not a method.
+client's best of all these rows (the global head, every fixed ρ and auto λ), counted on the very rows
+it is scored on. The oracle is a bound for any per-client choice among these, not a method.
 
     python benchmarks/fashion_personal_dev.py
     python benchmarks/fashion_personal_dev.py --render
@@ -60,7 +60,7 @@ def head_rows(net: AnalyticNetwork, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def protocol(rows: np.ndarray, y: np.ndarray, split, kind: str) -> tuple[list, list]:
+def protocol(split, kind: str) -> tuple[list, list]:
     """Every client's (fit, score) indices: ``dev`` cuts its training rows 80/20, ``test`` uses both."""
     if kind == "test":
         return list(split.train), list(split.test)
@@ -74,7 +74,7 @@ def protocol(rows: np.ndarray, y: np.ndarray, split, kind: str) -> tuple[list, l
 
 
 def evaluate(rows: np.ndarray, y: np.ndarray, fits: list, scores: list) -> dict:
-    """Correct counts per client of the global head, every fixed ρ, auto λ; and the oracle."""
+    """Correct counts per client of the global head, every fixed ρ, auto λ; and their oracle."""
     design = [rows[i].astype(np.float64) for i in fits]
     grams = [a.T @ a for a in design]
     crosses = [a.T @ one_hot(y[i], 10) for a, i in zip(design, fits, strict=True)]
@@ -110,6 +110,7 @@ def evaluate(rows: np.ndarray, y: np.ndarray, fits: list, scores: list) -> dict:
 
 
 def render(result: dict) -> str:
+    """The dev and test accuracy of every row, and the oracle, as a markdown table."""
     dev, test = result["dev"], result["test"]
     out = [
         "| head | development split (80/20 of each client's training rows) | test |",
@@ -156,7 +157,7 @@ def main() -> None:
     result = {"environment": environment(), "protocol": __doc__, "recipe": FASHION_RECIPE}
     result["feature_seconds"] = time.perf_counter() - t0
     for kind in ("dev", "test"):
-        result[kind] = evaluate(rows, data.y, *protocol(rows, data.y, split, kind))
+        result[kind] = evaluate(rows, data.y, *protocol(split, kind))
         print(f"  {kind}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in result[kind]["accuracy"].items()
         ) + f", oracle {result[kind]['oracle']:.4f}", flush=True)  # fmt: skip
