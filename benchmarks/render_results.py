@@ -36,6 +36,7 @@ RENDERED = (
     ("natural_images.py", "natural_images.json"),
     ("fashion_validation.py", "fashion_validation.json"),
     ("fashion_personal_dev.py", "fashion_personal_dev.json"),
+    ("fashion_second_stage.py", "fashion_second_stage.json"),
     ("auto_lambda.py", "auto_lambda_dev.json"),
     ("auto_lambda.py", "auto_lambda.json"),
     ("auto_lambda_cifar.py", "auto_lambda_cifar.json"),
