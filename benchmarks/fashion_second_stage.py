@@ -9,19 +9,23 @@ used; ``test`` fits on all training rows and scores the clients' test rows). On 
    already sums, so federated = centralized): the correlation matrix ``R = S⁻¹ΣS⁻¹`` of ``h``
    (``Σ`` the covariance, ``S`` the standard deviations), its top ``k`` eigenpairs ``(μ_i, u_i)``,
    the whitened projection ``z = Λ^{-1/2}Uᵀ S⁻¹(h − h̄)`` and its quadratic monomials
-   ``q = (z_i z_j)_{i ≤ j}`` (``k(k+1)/2`` features): a degree-2 polynomial kernel on the leading
-   principal subspace, as in PCA + polynomial-kernel classifiers (Schölkopf, Burges & Vapnik, KDD
-   1995). The global head on ``[h, q, 1]`` is one more ridge solve (standardized γ).
+   ``q = (z_i z_j)_{i ≤ j}`` (``k(k+1)/2`` features): the explicit map of a degree-2 polynomial
+   kernel (Schölkopf & Smola, *Learning with Kernels*, 2002) on the leading principal components;
+   :class:`~flwr_analytic.analytic.second_stage.QuadraticStage`. The global head on ``[h, q, 1]`` is
+   one more ridge solve (standardized γ).
 2. **Label shift** (Saerens, Latinne & Decaestecker, Neural Computation 2002): a client scores with the
    global second-stage head, tempered into log-probabilities and moved to its own class prior,
    ``log softmax(T·f(x)) + log(π_k / π)``, ``π_k`` its smoothed training label frequencies
-   ``(n_kc + ½)/(n_k + 5)``, ``π`` the pooled ones (the bias row of ``B``): no extra communication.
+   ``(n_kc + ½)/(n_k + 5)``, ``π`` the pooled ones (the bias row of ``B``, smoothed alike): no extra
+   communication.
 3. **Product of experts**: ``w · log softmax(T·s_k(x))`` added, ``s_k`` the client's pFedACnnL head on
-   ``h`` at ``fashion_personal_dev``'s development choice (standardized ρ = 3).
+   ``h`` at ``fashion_personal_dev``'s development choice (standardized ρ = 3);
+   :func:`~flwr_analytic.analytic.label_shift.product_of_experts`.
 
 ``T`` and ``w`` are chosen on the development split (the largest accuracy, ties to the first in grid
 order); test is scored once at that choice (every grid point is kept in the JSON). A prototype: the
-package and the app do not have the second stage or label shift yet.
+math is in the package (``analytic.second_stage``, ``analytic.label_shift``); the Flower apps do not
+use it yet.
 
     python benchmarks/fashion_second_stage.py
     python benchmarks/fashion_second_stage.py --render
@@ -36,9 +40,9 @@ import torch
 from common import environment, out_or_render, peak_rss_gib, write_json
 from fashion_personal_dev import protocol, recipe_rows
 from natural_images import FASHION_RECIPE
-from scipy.linalg import eigh
 
-from flwr_analytic.analytic import Regularization
+from flwr_analytic.analytic import QuadraticStage, Regularization
+from flwr_analytic.analytic.label_shift import product_of_experts
 from flwr_analytic.analytic.solvers import personalized_solve, ridge_solve
 from flwr_analytic.analytic.targets import one_hot
 
@@ -47,35 +51,6 @@ PERSONAL = Regularization(3.0, "standardized")  # fashion_personal_dev.json's de
 TEMPERATURES = (4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)  # w = 0: label shift of the second stage alone
 CHUNK = 5000
-
-
-def quadratic_stage(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(h̄, P)`` with ``z = (h − h̄)P`` the whitened top-``k`` principal components of ``h``.
-
-    ``gram`` is ``Σ aaᵀ`` of the design rows ``a = [h, 1]``: ``n = G[-1,-1]``, ``h̄ = G[:-1,-1]/n``,
-    ``Σ = G[:-1,:-1]/n − h̄h̄ᵀ``; ``R = S⁻¹ΣS⁻¹ = UΛUᵀ`` (top ``k``), ``P = S⁻¹UΛ^{-1/2}``.
-    """
-    n = gram[-1, -1]
-    mean = gram[:-1, -1] / n
-    cov = gram[:-1, :-1] / n - np.outer(mean, mean)
-    sd = np.sqrt(np.clip(np.diag(cov), 0.0, None)) + 1e-12
-    d = len(mean)
-    eig, vec = eigh(cov / np.outer(sd, sd), subset_by_index=[d - k, d - 1])
-    return mean, (vec / np.sqrt(eig)) / sd[:, None]
-
-
-def second_rows(h: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> np.ndarray:
-    """``[h, q, 1]`` in float64, ``q = (z_i z_j)_{i≤j}`` of ``z = (h − h̄)P``."""
-    z = (h - mean) @ proj
-    i, j = np.triu_indices(proj.shape[1])
-    return np.hstack([h, z[:, i] * z[:, j], np.ones((len(h), 1))])
-
-
-def log_softmax(s: np.ndarray, temperature: float) -> np.ndarray:
-    """``log softmax(T·s)`` along the class axis."""
-    s = temperature * s
-    s = s - s.max(1, keepdims=True)
-    return s - np.log(np.exp(s).sum(1, keepdims=True))
 
 
 def evaluate(rows: np.ndarray, y: np.ndarray, fits: list, scores: list) -> dict:
@@ -88,37 +63,41 @@ def evaluate(rows: np.ndarray, y: np.ndarray, fits: list, scores: list) -> dict:
     gram, cross = sum(grams), sum(crosses)
     reg = Regularization(FASHION_RECIPE["gamma"], "standardized")
     w_first = ridge_solve(gram, cross, reg)
-    mean, proj = quadratic_stage(gram, COMPONENTS)
+    stage = QuadraticStage.from_gram(gram, COMPONENTS)
     pooled = np.concatenate(fits)
     big = None
     for c in range(0, len(pooled), CHUNK):  # the second stage's head statistics, in chunks
-        a = second_rows(rows[pooled[c : c + CHUNK], :-1].astype(np.float64), mean, proj)
+        a = stage.rows(rows[pooled[c : c + CHUNK], :-1])
         g, b = a.T @ a, a.T @ one_hot(y[pooled[c : c + CHUNK]], 10)
         big = (g, b) if big is None else (big[0] + g, big[1] + b)
     w_second = ridge_solve(big[0], big[1], reg)
     del big
-    prior = cross[-1] / cross[-1].sum()  # π: the bias row of B holds the pooled class counts
-    truth = np.concatenate([y[i] for i in scores])
-    first, second, personal, shift = [], [], [], []
-    for i, j, g, b in zip(fits, scores, grams, crosses, strict=True):
+    pooled_counts = cross[-1]  # the bias row of B: the pooled class counts
+    first, second, personal = [], [], []
+    for j, g, b in zip(scores, grams, crosses, strict=True):
         a = rows[j].astype(np.float64)
         first.append(a @ w_first)
-        second.append(second_rows(a[:, :-1], mean, proj) @ w_second)
+        second.append(stage.rows(a[:, :-1]) @ w_second)
         personal.append(a @ personalized_solve(g, b, w_first, PERSONAL))
-        local = (np.bincount(y[i], minlength=10) + 0.5) / (len(i) + 5.0)
-        shift.append(np.broadcast_to(np.log(local / prior), (len(j), 10)))
-    first, second, personal, shift = (np.concatenate(v) for v in (first, second, personal, shift))
+    counts = [np.bincount(y[i], minlength=10) for i in fits]
+    truth = [y[j] for j in scores]
 
-    def acc(s: np.ndarray) -> float:
-        return float(np.mean(s.argmax(1) == truth))
+    def acc(per_client: list[np.ndarray]) -> float:
+        right = sum(int(np.sum(s.argmax(1) == t)) for s, t in zip(per_client, truth, strict=True))
+        return right / sum(len(t) for t in truth)
 
     grid = {
-        f"T {t:g} w {w:g}": acc(log_softmax(second, t) + shift + w * log_softmax(personal, t))
+        f"T {t:g} w {w:g}": acc(
+            [
+                product_of_experts(f, s, n, pooled_counts, t, w)
+                for f, s, n in zip(second, personal, counts, strict=True)
+            ]
+        )
         for t in TEMPERATURES
         for w in WEIGHTS
     }
     return {
-        "num-examples": len(truth),
+        "num-examples": sum(len(t) for t in truth),
         "accuracy": {
             "global (first stage)": acc(first),
             "global (second stage)": acc(second),

@@ -3,7 +3,8 @@
 See :mod:`flwr_analytic.analytic.statistics` for ``(G, B, n)``, :mod:`~.solvers` for the closed forms,
 :mod:`~.targets` for hidden-layer schemes, :mod:`~.network` for the layered network,
 :mod:`~.personal_lambda` for each client's own pFedACnnL λ, :mod:`~.recalibration` for its
-local recalibration, and :mod:`~.privacy` for secure
+local recalibration, :mod:`~.second_stage` and :mod:`~.label_shift` for the quadratic second stage
+and label-shift scoring, and :mod:`~.privacy` for secure
 aggregation, differential privacy and the server's release policies.
 """
 
@@ -12,6 +13,7 @@ from flwr_analytic.analytic.network import AnalyticNetwork, layer_seed
 from flwr_analytic.analytic.personal_lambda import AutoLambda, LambdaChoice, select_lambda
 from flwr_analytic.analytic.privacy.release import DPRelease, ExactRelease, ReleasePolicy
 from flwr_analytic.analytic.recalibration import recalibrate
+from flwr_analytic.analytic.second_stage import QuadraticStage
 from flwr_analytic.analytic.solvers import (
     IllConditionedWarning,
     Regularization,
@@ -44,6 +46,7 @@ __all__ = [
     "IllConditionedWarning",
     "LambdaChoice",
     "LayerStatistics",
+    "QuadraticStage",
     "Regularization",
     "ReleasePolicy",
     "StatisticsAccumulator",
