@@ -23,9 +23,9 @@ used; ``test`` fits on all training rows and scores the clients' test rows). On 
    :func:`~flwr_analytic.analytic.label_shift.product_of_experts`.
 
 ``T`` and ``w`` are chosen on the development split (the largest accuracy, ties to the first in grid
-order); test is scored once at that choice (every grid point is kept in the JSON). A prototype: the
-math is in the package (``analytic.second_stage``, ``analytic.label_shift``); the Flower apps do not
-use it yet.
+order); test is scored once at that choice (every grid point is kept in the JSON). The prototype of
+the app's ``second-stage = 80`` (``strategies.SecondStage``, whose ``T`` = 7 and ``w`` = 0.5 defaults are
+the choice made here; ``natural_images.py --part fashion-product`` runs it through the app).
 
     python benchmarks/fashion_second_stage.py
     python benchmarks/fashion_second_stage.py --render

@@ -70,8 +70,26 @@ FASHION_RECIPE = {"filters": 400, "grid": 4, "threshold": 0.5, "polarity": True,
 #: ``personal-lambda = "auto"`` with ``lam-rule = "standardized"`` (the head's ridge rule).
 AUTO = AutoLambda(rule="standardized")
 AUTO_FASHION = {"personal-lambda": "auto", "lam-rule": "standardized"}
+#: The second stage through the app (``strategies.SecondStage``): ``k`` = 80, and ``T`` = 7, ``w`` = 0.5
+#: chosen on the development split by ``fashion_second_stage.py``; pFedACnnL at standardized ρ = 3
+#: (``fashion_personal_dev.py``'s development choice).
+SECOND_STAGE_FASHION = {
+    "second-stage": 80,
+    "scoring-temperature": 7.0,
+    "scoring-weight": 0.5,
+    "lam": 3.0,
+    "lam-rule": "standardized",
+}
 #: ``personal-recalibration``: ρ of the clients' recalibration (``analytic.recalibration``).
 RECALIBRATION = DEFAULT_RHO
+#: The app runs of part ``fashion`` (run-config overrides), and of part ``fashion-product``.
+FASHION_RUNS = {
+    "fixed": {},
+    "auto": AUTO_FASHION,
+    "auto-recal": AUTO_FASHION | {"personal-recalibration": RECALIBRATION},
+    "second-stage": SECOND_STAGE_FASHION,
+}
+FASHION_MODES = ("fixed", "auto", "auto-recal")
 AUTO_REG = Regularization(0.1, "standardized")  # unused by personalize when the output is chosen
 
 
@@ -280,14 +298,18 @@ def federated(
     return result
 
 
-def fashion_federated(quick: bool, scheme_name: str = "zca-kmeans") -> dict:
+def fashion_federated(
+    quick: bool, scheme_name: str = "zca-kmeans", modes: tuple[str, ...] = FASHION_MODES
+) -> dict:
     """Fashion-MNIST Dirichlet(0.1), 20 clients, through the FedACnnL app on an in-process grid.
 
     The app's own data path (official 60k training images partitioned by flwr-datasets,
     ``min-partition-size`` 20, per-client 25% test), as ``benchmarks/time_to_accuracy.py`` uses it;
-    the ``coates`` model, float32, standardized head ridge. Three runs: fixed ``lam`` 0.1 (relative),
-    then ``personal-lambda = "auto"`` with ``lam-rule = "standardized"``, then the same with
-    ``personal-recalibration`` (the same global model each time).
+    the ``coates`` model, float32, standardized head ridge. One run per mode of
+    :data:`FASHION_RUNS` (the same global model each time): fixed ``lam`` 0.1 (relative),
+    ``personal-lambda = "auto"`` with ``lam-rule = "standardized"``, the same with
+    ``personal-recalibration``, and (part ``fashion-product``) the second stage with the
+    product-of-experts scoring (:data:`SECOND_STAGE_FASHION`).
     """
     from flwr_analytic.clients import make_fedacnnl_client_app
     from flwr_analytic.fedacnnl import LocalGrid, resolve_run_config
@@ -313,9 +335,8 @@ def fashion_federated(quick: bool, scheme_name: str = "zca-kmeans") -> dict:
         "results-path": "",
     }
     runs = {}
-    recal = AUTO_FASHION | {"personal-recalibration": RECALIBRATION}
-    for mode, extra in (("fixed", {}), ("auto", AUTO_FASHION), ("auto-recal", recal)):
-        cfg = resolve_run_config(base | extra)
+    for mode in modes:
+        cfg = resolve_run_config(base | FASHION_RUNS[mode])
         t0 = time.perf_counter()
         app = make_fedacnnl_client_app(run_config=cfg)
         _, summary = run_fedacnnl(LocalGrid(app, 20, cfg), cfg)
@@ -328,23 +349,32 @@ def fashion_federated(quick: bool, scheme_name: str = "zca-kmeans") -> dict:
             "evaluation": {k: v for k, v in ev.items() if not k.endswith("-clients")},
             "rounds": summary["rounds"],
         }
+        for key in ("second-stage-accuracy", "product-accuracy"):
+            if summary.get(key) is not None:
+                runs[mode][key.replace("-", "_")] = summary[key]
+                runs[mode]["config"] = FASHION_RUNS[mode]
         print(
-            f"  fashion-mnist Dir(0.1) 20 clients, coates {scheme_name}, λ {mode}: global "
+            f"  fashion-mnist Dir(0.1) 20 clients, coates {scheme_name}, {mode}: global "
             f"{runs[mode]['global_accuracy']:.4f}, personalized "
-            f"{runs[mode]['personal_accuracy']:.4f}, {runs[mode]['seconds']:.0f} s",
+            f"{runs[mode]['personal_accuracy']:.4f}, "
+            + (f"product {summary['product-accuracy']:.4f}, " if "second-stage" in mode else "")
+            + f"{runs[mode]['seconds']:.0f} s",
             flush=True,
         )
+    if modes != FASHION_MODES:
+        return runs
     return {**runs["fixed"], "recipe": FASHION_RECIPE, "auto": runs["auto"], **{
         "auto_recal": runs["auto-recal"]}}  # fmt: skip
 
 
-PARTS = ("central", "federated", "federated_mirror", "fashion_federated")
+PARTS = ("central", "federated", "federated_mirror", "fashion_federated", "fashion_product")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parts = {"central": "central", "federated": "federated", "federated-mirror": "federated_mirror"}
     parts["fashion"] = "fashion_federated"
+    parts["fashion-product"] = "fashion_product"
     parser.add_argument("--part", choices=("all", *parts), default="all")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-backprop", action="store_true", help="central rows without it")
@@ -383,6 +413,10 @@ def main() -> None:
             write_json(out, result)
     if args.part in ("all", "fashion"):
         result["fashion_federated"] = fashion_federated(args.quick)
+        write_json(out, result)
+    if args.part in ("all", "fashion-product"):
+        runs = fashion_federated(args.quick, modes=("second-stage",))
+        result["fashion_product"] = runs["second-stage"]
     flags = [f"--part {args.part}"] if args.part != "all" else []
     flags += ["--quick"] * args.quick + ["--skip-backprop"] * args.skip_backprop
     flags += ["--update"] * args.update

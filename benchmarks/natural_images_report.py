@@ -83,4 +83,16 @@ def render(result: dict) -> str:
                        f"{RECALIBRATION:g}` | {_pct(recal['global_accuracy'])} | "
                        f"{_pct(recal['personal_accuracy'])} | {recal['seconds']:.0f} |")  # fmt: skip
         out.append("")
+    fp = result.get("fashion_product")
+    if fp:
+        c = fp["config"]
+        out += ["| Fashion-MNIST, same app, `second-stage = "
+                f"{c['second-stage']}` | global | second stage | pFedACnnL (ρ {c['lam']:g}, "
+                f"{c['lam-rule']}) | product (T {c['scoring-temperature']:g}, "
+                f"w {c['scoring-weight']:g}) | time (s) | peak (GiB) |",
+                "|---|---|---|---|---|---|---|",
+                f"| FedACnnL app + `SecondStage`, in-process grid | {_pct(fp['global_accuracy'])} "
+                f"| {_pct(fp['second_stage_accuracy'])} | {_pct(fp['personal_accuracy'])} "
+                f"| **{_pct(fp['product_accuracy'])}** | {fp['seconds']:.0f} "
+                f"| {fp['peak_rss_gib']:.1f} |", ""]  # fmt: skip
     return "\n".join(out).rstrip()

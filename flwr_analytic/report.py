@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 #: The rows of :func:`accuracy_table`: label and metric prefix.
-MODELS = (("global", "global-accuracy"), ("personalized", "personal-accuracy"))
+MODELS = (("global", "global-accuracy"), ("personalized", "personal-accuracy"),
+          ("second stage", "second-stage-accuracy"), ("product", "product-accuracy"))  # fmt: skip
 #: The columns of :func:`accuracy_table`: header and metric suffix.
 COLUMNS = (("weighted", ""), ("client mean", "-client-mean"), ("min", "-client-min"),
            ("p10", "-client-p10"))  # fmt: skip

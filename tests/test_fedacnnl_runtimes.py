@@ -239,6 +239,37 @@ def test_real_deployment_superlink_and_3_supernodes(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_real_deployment_with_the_second_stage(tmp_path):
+    """``second-stage = k`` over gRPC: one more round, the same scores as in process (issue 15)."""
+    cfg = {
+        **BASE,
+        "min-nodes": 3,
+        "second-stage": 10,
+        "lam": 3.0,
+        "lam-rule": "standardized",
+        "gamma-rule": "standardized",
+        "gamma": 1e-3,
+        "results-path": str(tmp_path / "stage.json"),
+        "model-path": str(tmp_path / "stage.pt"),
+    }
+    deployment = LocalDeployment(tmp_path / "deploy", num_nodes=3)
+    with deployment:
+        done = deployment.run(APP, cfg, timeout=200)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert owned_processes(str(deployment.base)) == []
+    summary = json.loads((tmp_path / "stage.json").read_text())
+    train = [r for r in summary["rounds"] if r["kind"] == "train"]
+    assert [bool(r.get("second-stage")) for r in train] == [False] * 3 + [True]
+    assert train[-1]["num-valid"] == 3 and "rejected" not in train[-1]
+    ref_summary, ref_state = _reference(cfg, 3, tmp_path)
+    _same_model(tmp_path / "stage.pt", ref_state, summary, ref_summary)
+    for key in ("second-stage-accuracy", "product-accuracy"):
+        assert 0.5 < summary[key] <= 1
+        assert summary[key] == pytest.approx(ref_summary[key], abs=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_legacy_numpyclient_and_strategy_under_ray(tmp_path, monkeypatch, digits):
     _offline(monkeypatch, tmp_path)
     from flwr.client import ClientApp

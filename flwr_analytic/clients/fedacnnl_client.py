@@ -42,6 +42,7 @@ from flwr_analytic.clients.fedacnnl_local import (
 )
 from flwr_analytic.config_checks import ConfigError, RunConfig
 from flwr_analytic.fedacnnl import protocol as P
+from flwr_analytic.fedacnnl import stage_protocol as S
 from flwr_analytic.fedacnnl.config import (
     NODE_CONFIG_KEYS,
     RUN_CONFIG,
@@ -324,13 +325,17 @@ class FedACnnLHandlers:
         context, cfg, config, arrays, train, _ = self.receive(msg, context, require_arrays=False)
         with _blas_threads(cfg):
             net, stats = layer_statistics(config, arrays, train, self.model)
-            layer = int(config[P.LAYER])
+            layer, stage = int(config[P.LAYER]), config.get(S.SECOND_STAGE)
             which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
-            if cfg["keep-statistics"] and layer in P.personalized_layers(net, which):
+            keep = cfg["keep-statistics"] and stage is None
+            if keep and layer in P.personalized_layers(net, which):
                 keep_layer_statistics(context, layer, P.weights_digest(net, layer), stats)
             dp = dp_config(cfg)
             pid = _partition_id(context)
-            stats = release_statistics(net, layer, train, stats, dp, cfg, pid, config)
+            if stage is not None and dp.enabled:
+                raise ValueError("this node releases DP statistics; the second stage has no DP")
+            if stage is None:
+                stats = release_statistics(net, layer, train, stats, dp, cfg, pid, config)
         metrics = MetricRecord(
             {
                 P.NUM_EXAMPLES: int(stats.count),
@@ -338,6 +343,7 @@ class FedACnnLHandlers:
                 P.NUM_PARTITIONS: int(context.node_config.get(P.NUM_PARTITIONS, 0)),
                 P.LAYER: layer,
                 **({P.STAGE: net.stage} if net.stage else {}),
+                **({S.SECOND_STAGE: int(stage)} if stage is not None else {}),
                 "compute-time": time.perf_counter() - start,
                 **dp_metrics(dp),
             }
@@ -351,11 +357,13 @@ class FedACnnLHandlers:
         start = time.perf_counter()
         context, cfg, config, arrays, train, test = self.receive(msg, context, require_arrays=True)
         group = msg.content.array_records.get(P.GROUP_ARRAYS_KEY)
+        stage = msg.content.array_records.get(S.STAGE_ARRAYS_KEY)
         kept = kept_layer_statistics(context)
         with _blas_threads(cfg):
             metrics, used = evaluate_global_and_personal(
-                config, arrays, train, test, kept, _numpy(group) if group else None, self.model
-            )
+                config, arrays, train, test, kept, _numpy(group) if group else None, self.model,
+                _numpy(stage) if stage else None,
+            )  # fmt: skip
         if cfg["keep-statistics"]:
             for layer, (digest, stats) in used.items():
                 keep_layer_statistics(context, layer, digest, stats)

@@ -21,9 +21,12 @@ from flwr_analytic.analytic import (
     output_design,
     personalize,
 )
+from flwr_analytic.analytic.label_shift import product_of_experts
+from flwr_analytic.analytic.quadratic_head import head_scores, stage_statistics
 from flwr_analytic.data import ArrayDataset, from_hf_dataset
 from flwr_analytic.data.batches import LoaderData
 from flwr_analytic.fedacnnl import protocol as P
+from flwr_analytic.fedacnnl import stage_protocol as S
 
 #: A client's data: arrays, or the user's loader (``LoaderData``, a ``DataLoader``).
 ClientData = ArrayDataset | LoaderData | Any
@@ -99,9 +102,12 @@ def layer_statistics(
         raise ValueError(f"layer {layer + 1} out of range 1..{net.num_layers}")
     check_data(net, train)
     P.install_layers(net, arrays, upto=layer)
+    batch = int(config[P.BATCH_SIZE])
+    if S.SECOND_STAGE in config:  # the second stage's round: statistics of [h, q, 1]
+        stage = S.stage_from_arrays(arrays)
+        return net, stage_statistics(net, stage, *_xy(train), batch_size=batch)
     P.install_round(net, arrays, config)
-    stats = net.statistics(layer, *_xy(train), batch_size=int(config[P.BATCH_SIZE]))
-    return net, stats
+    return net, net.statistics(layer, *_xy(train), batch_size=batch)
 
 
 def _xy(data: ClientData) -> tuple[Any, Any]:
@@ -117,6 +123,7 @@ def evaluate_global_and_personal(
     kept: Mapping[int, tuple[str, LayerStatistics]] | None = None,
     group_arrays: Mapping[str, np.ndarray] | None = None,
     model: P.ModelSource | None = None,
+    second_stage: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, float], dict[int, tuple[str, LayerStatistics]]]:
     """Accuracy and loss of the global model and of the client's pFedACnnL model on ``test``.
 
@@ -124,7 +131,9 @@ def evaluate_global_and_personal(
     computed with the same global layers below (matching fingerprint); otherwise (e.g. the client
     was not sampled in that round) they are recomputed from ``train``. With ``group_arrays`` (the
     output layer of the client's group, group-wise runs) the group model and its personalization
-    are scored too (``group-*``, ``group-personal-*``).
+    are scored too (``group-*``, ``group-personal-*``). With ``second_stage`` (the arrays of
+    :func:`~flwr_analytic.fedacnnl.stage_protocol.stage_arrays`) the second-stage head and the
+    product of experts are scored too (:func:`second_stage_metrics`).
 
     With ``personal-lambda = "auto"`` in ``config`` the output layer's λ is the client's own
     (:func:`choose_output_lambdas`: exact leave-one-out on ``train``, one more forward pass over
@@ -169,6 +178,7 @@ def evaluate_global_and_personal(
     recal = P.personal_recalibration(config)
     own = personalize(net, per_layer, reg, which, output=choices["personal"], recalibration=recal)
     models = [("global", net), ("personal", net.with_weights(own))]
+    personal_head, local = own[-1], per_layer[-1]
     if group is not None:
         choice = choices["group-personal"]
         own = personalize(group, per_layer, reg, which, output=choice, recalibration=recal)
@@ -186,7 +196,52 @@ def evaluate_global_and_personal(
         metrics[f"{prefix}-loss"] = float(res["loss"])
         metrics[f"{prefix}-correct"] = int(res["correct"])
     metrics["stats-reused"] = reused
+    if second_stage:
+        metrics.update(second_stage_metrics(config, net, personal_head, local, second_stage, test))
     return metrics, used
+
+
+def second_stage_metrics(
+    config: Mapping[str, Any],
+    net: AnalyticNetwork,
+    personal_head: np.ndarray,
+    local: LayerStatistics | None,
+    arrays: Mapping[str, np.ndarray],
+    test: ClientData,
+) -> dict[str, float]:
+    """Accuracy of the global second-stage head and of the product of experts on ``test``.
+
+    The product (:func:`~flwr_analytic.analytic.label_shift.product_of_experts`) is the
+    second-stage head ``f`` moved to this client's class prior (Saerens et al., Neural Computation
+    2002), times its pFedACnnL head ``s_k = [h, 1]W_k``:
+    ``log softmax(T·f) + log(π_k/π) + w · log softmax(T·s_k)``. ``π_k`` comes from the bias row of
+    the client's own output-layer ``B_k`` (its label counts), ``π`` from the pooled counts the
+    server sends: no extra communication. ``T`` and ``w`` are the evaluate config's.
+    """
+    if local is None:
+        raise ValueError("the second stage's scoring needs this client's output-layer statistics")
+    stage = S.stage_from_arrays(arrays)
+    for key in (S.WEIGHTS, S.POOLED_COUNTS):
+        if key not in arrays:
+            raise KeyError(f"a second-stage evaluation message needs the array {key!r}")
+    settings = S.scoring_settings(float(config[S.TEMPERATURE]), float(config[S.WEIGHT]))
+    w_stage = np.asarray(arrays[S.WEIGHTS], dtype=np.float64)
+    batch = int(config[P.BATCH_SIZE])
+    f, heads, y = head_scores(net, stage, w_stage, {"personal": personal_head}, *_xy(test), batch)
+    joint = product_of_experts(
+        f,
+        heads["personal"],
+        local.cross[-1],
+        np.asarray(arrays[S.POOLED_COUNTS], dtype=np.float64),
+        settings[S.TEMPERATURE],
+        settings[S.WEIGHT],
+    )
+    out: dict[str, float] = {}
+    for prefix, scores in (("second-stage", f), ("product", joint)):
+        correct = int(np.sum(scores.argmax(1) == y)) if len(y) else 0
+        out[f"{prefix}-accuracy"] = correct / len(y) if len(y) else 0.0
+        out[f"{prefix}-correct"] = correct
+    return out
 
 
 def choose_output_lambdas(
@@ -228,4 +283,5 @@ __all__ = [
     "evaluate_global_and_personal",
     "layer_statistics",
     "num_samples",
+    "second_stage_metrics",
 ]

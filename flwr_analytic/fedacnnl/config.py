@@ -45,12 +45,16 @@ def _dataset_name(value: Any) -> bool:
 
 
 def _cross_check(cfg: Mapping[str, Any]) -> None:
-    """Rules between keys: differential privacy needs a clip norm > 1.
+    """Rules between keys: differential privacy needs a clip norm > 1 and no second stage.
 
     Rows ``[a, 1]`` have norm >= 1, so ``dp-clip-norm`` <= 1 would clip every row to the bias
     alone (:class:`~flwr_analytic.analytic.privacy.DPConfig`). Whether there are more clients than
     samples is known once the data is loaded (:func:`~flwr_analytic.fedacnnl.data.split_from_config`).
     """
+    if cfg["second-stage"] > 0 and cfg["dp-noise-multiplier"] > 0:
+        raise ConfigError("second-stage: not allowed with dp-noise-multiplier > 0 (no DP for it)")
+    if cfg["second-stage"] > 0 and cfg["personalize-layers"] != "last":
+        raise ConfigError('second-stage: needs personalize-layers = "last" (its scoring uses h)')
     if cfg["dp-noise-multiplier"] > 0 and not cfg["dp-clip-norm"] > 1:
         raise ConfigError(
             f"dp-clip-norm: {cfg['dp-clip-norm']!r} is not allowed; must be > 1 when "
@@ -118,6 +122,14 @@ RUN_CONFIG = ConfigTable(
             "ρ > 0: each client refits its output layer's scores [s, 1] ↦ V (0: off)",
         ),
         Param("personalize-layers", "last", Options(("last", "all")), "layers pFedACnnL adapts"),
+        Param(  # the quadratic second stage and its scoring (issue 15; strategies.SecondStage)
+            "second-stage",
+            0,
+            _INT0,
+            "k > 0: one more round, a head on [h, q(k leading whitened components), 1] (0 = off)",
+        ),
+        Param("scoring-temperature", 7.0, _POS, "second stage: T of log softmax(T·scores)"),
+        Param("scoring-weight", 0.5, _NONNEG, "second stage: w of the pFedACnnL expert"),
         Param("mirror", False, Boolean(), "train on images and their mirrors, score the mean"),
         Param("seed", 0, _INT0, "seed of the split, random targets and sampling"),
         Param("dtype", "float64", Options(("float64", "float32")), "float32: faster, rounder"),

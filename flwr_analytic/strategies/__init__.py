@@ -30,6 +30,7 @@ from flwr_analytic.strategies.metering import Metered
 from flwr_analytic.strategies.nu_step_meta import NuStepMetaFedAvg
 from flwr_analytic.strategies.pfedme import PFedMe
 from flwr_analytic.strategies.records import RoundLog, RoundRecord
+from flwr_analytic.strategies.second_stage import SecondStage
 from flwr_analytic.strategies.utils import arrays_nbytes
 from flwr_analytic.strategies.warm_start import WarmStartResult, warm_start
 from flwr_analytic.strategies.wrapper import EvaluateRounds, SortedReplies, StrategyWrapper
@@ -51,6 +52,7 @@ __all__ = [
     "PFedMe",
     "RoundLog",
     "RoundRecord",
+    "SecondStage",
     "SortedReplies",
     "StrategyWrapper",
     "WarmStartResult",

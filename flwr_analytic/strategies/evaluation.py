@@ -27,7 +27,8 @@ def aggregate_personalized_evaluation(
     """Aggregate the clients' global and pFedACnnL metrics.
 
     For ``m`` in ``global-accuracy``, ``global-loss``, ``personal-accuracy``, ``personal-loss`` (and
-    the ``group-*`` metrics when every client has them): :func:`client_summary` and ``m-clients``
+    the ``group-*``, ``second-stage-accuracy`` and ``product-accuracy`` metrics when every client
+    has them): :func:`client_summary` and ``m-clients``
     (per-client values ordered by ``partition-id``, listed in ``client-ids``). Also
     ``num-clients``, ``num-examples`` and ``num-stats-reused``; with per-client λ (run config
     ``personal-lambda = "auto"``) the chosen ρ's distribution (:func:`lambda_distribution`).
@@ -40,7 +41,8 @@ def aggregate_personalized_evaluation(
     out: dict[str, Any] = {"num-clients": len(rows), "num-examples": int(n.sum())}
     keys = ["global-accuracy", "global-loss", "personal-accuracy", "personal-loss"]
     group_keys = ["group-accuracy", "group-loss", "group-personal-accuracy", "group-personal-loss"]
-    keys += [k for k in group_keys if all(k in m for m in rows)]
+    stage_keys = ["second-stage-accuracy", "product-accuracy"]  # strategies.SecondStage
+    keys += [k for k in group_keys + stage_keys if all(k in m for m in rows)]
     for key in keys:
         values = np.array([float(m[key]) for m in rows])
         out.update(client_summary(values, n, key))

@@ -35,6 +35,7 @@ from flwr_analytic.report import accuracy_table, lambda_line, write_accuracy_png
 from flwr_analytic.strategies.checkpointing import Checkpointed
 from flwr_analytic.strategies.fedacnnl import FedACnnL
 from flwr_analytic.strategies.metering import Metered
+from flwr_analytic.strategies.second_stage import SecondStage
 from flwr_analytic.strategies.utils import arrays_digest, jsonable, sampling_options
 
 
@@ -62,9 +63,19 @@ def build_fedacnnl_strategy(cfg: Mapping[str, Any]) -> FedACnnL:
 def wrap_fedacnnl_strategy(strategy: Strategy, cfg: Mapping[str, Any]) -> Strategy:
     """``Metered(strategy)``, inside ``Checkpointed`` when ``checkpoint-path`` is set.
 
+    With ``second-stage = k > 0`` the strategy is first wrapped in :class:`SecondStage`
+    (``scoring-temperature``, ``scoring-weight``).
+
     The checkpoint's fingerprint adds the data keys (:func:`~flwr_analytic.fedacnnl.data.data_fingerprint`)
     to the strategy's: a checkpoint of another data set, split or partitioner is refused.
     """
+    if cfg["second-stage"]:
+        strategy = SecondStage(
+            strategy,
+            int(cfg["second-stage"]),
+            float(cfg["scoring-temperature"]),
+            float(cfg["scoring-weight"]),
+        )
     wrapped: Strategy = Metered(strategy)
     if cfg["checkpoint-path"]:
         wrapped = Checkpointed(
@@ -145,13 +156,17 @@ def run_fedacnnl(
         "centralized-evaluate": dict(central) if central else None,
         "global-accuracy": evaluation.get("global-accuracy"),
         "personal-accuracy": evaluation.get("personal-accuracy"),
+        "second-stage-accuracy": evaluation.get("second-stage-accuracy"),
+        "product-accuracy": evaluation.get("product-accuracy"),
         "wall-time": wall,
         "bytes-sent": int(sum(e.get("bytes-sent", 0) for e in history)),
         "bytes-received": int(sum(e.get("bytes-received", 0) for e in history)),
         "model-sha256": arrays_digest(result.arrays),
         # per layer: exactly which partitions were summed; who holds which partition; conflicts
         "layer-partitions": {
-            int(e["layer"]): e.get("partitions", []) for e in history if e["kind"] == "train"
+            int(e["layer"]): e.get("partitions", [])
+            for e in history
+            if e["kind"] == "train" and not e.get("second-stage")
         },
         "partition-owners": strategy.server.owners.state(),
     }

@@ -160,6 +160,8 @@ def round_line(record: RoundRecord, num_layers: int | None, label: str, errors: 
         of = f"/{num_layers}" if num_layers else ""
         step = f", k-means iteration {details['stage']}" if details.get("stage") else ""
         head = f"layer {int(details['layer']) + 1}{of} (round {record.round}{step})"
+        if details.get("second-stage"):  # strategies.SecondStage: the head on [h, q, 1]
+            head = f"second stage on layer {int(details['layer']) + 1}{of} (round {record.round})"
     else:
         head = label
     valid = details.get("num-valid", record.num_replies - errors)
