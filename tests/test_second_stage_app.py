@@ -168,6 +168,22 @@ def test_bad_replies_are_rejected_by_name():
     assert strategy.weights is not None and strategy.finished
 
 
+def test_a_claim_of_another_nodes_partition_is_rejected():
+    strategy, _, server_round, replies = _stage_round(_cfg())
+    metrics = replies[0].content[P.METRICS_KEY]
+    theirs = next(
+        r.content[P.METRICS_KEY][P.PARTITION_ID]
+        for r in replies[1:]
+        if r.content[P.METRICS_KEY][P.PARTITION_ID] != metrics[P.PARTITION_ID]
+    )
+    metrics[P.PARTITION_ID] = theirs  # node 0 claims a partition another connected node holds
+    _, out = strategy.aggregate_train(server_round, replies)
+    (rejected,) = strategy.history[-1].details["rejected"]
+    assert rejected["node-id"] == replies[0].metadata.src_node_id
+    assert f"duplicate partition-id {theirs}: held by node" in rejected["reason"]
+    assert out["num-valid"] == 9 and strategy.weights is not None
+
+
 def test_too_few_valid_replies_keep_the_first_stage():
     strategy, grid, server_round, replies = _stage_round(_cfg())
     for msg in replies:

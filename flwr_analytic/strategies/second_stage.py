@@ -33,6 +33,14 @@ from flwr_analytic.strategies.fedacnnl_replies import error_reply
 from flwr_analytic.strategies.wrapper import StrategyWrapper
 
 
+def _num_partitions(metrics: Any) -> int | None:
+    """The reply's ``num-partitions`` claim (``None``: not an integer > 0, i.e. not known)."""
+    claimed = metrics.get(P.NUM_PARTITIONS)
+    if isinstance(claimed, bool) or not isinstance(claimed, int | np.integer) or claimed <= 0:
+        return None
+    return int(claimed)
+
+
 class SecondStage(StrategyWrapper):
     r"""FedACnnL plus a closed-form quadratic second stage and product-of-experts scoring.
 
@@ -71,8 +79,10 @@ class SecondStage(StrategyWrapper):
     Notes
     -----
     The round's ``Σ A₂ᵀA₂`` is summed in partition order, one reply unpacked at a time (server
-    memory ``O(D₂²)`` beyond the packed replies). Fewer than ``min_valid_replies`` valid replies
-    leave the second stage out with a warning: the first-stage model and its evaluation are kept.
+    memory ``O(D₂²)`` beyond the packed replies); each claim is checked against the partition's
+    owner from the layers' rounds (``PartitionOwners``), each partition counted once. Fewer than
+    ``min_valid_replies`` valid replies leave the second stage out with a warning: the first-stage
+    model and its evaluation are kept.
     A checkpointed run (``Checkpointed``) resumes the layers; the second stage's round is re-run.
     """
 
@@ -108,6 +118,7 @@ class SecondStage(StrategyWrapper):
         self.weights: np.ndarray | None = None
         self.pooled: np.ndarray | None = None
         self.skipped: str | None = None
+        self._connected: set[int] | None = None
 
     def reset(self) -> None:
         """Start over: the wrapped strategy's reset, and no second stage."""
@@ -150,6 +161,7 @@ class SecondStage(StrategyWrapper):
             what="second stage", timeout=inner.availability_timeout,
             known=inner.server.node_partitions, needed=inner.server.min_valid_replies,
         )  # fmt: skip
+        self._connected = set(grid.get_node_ids())
         cfg = ConfigRecord(dict(config or {}))
         cfg.update(P.network_config(net, inner.batch_size))
         cfg.update({P.SERVER_ROUND: server_round, P.LAYER: last, S.SECOND_STAGE: self.components})
@@ -169,6 +181,7 @@ class SecondStage(StrategyWrapper):
         inner = self.innermost()
         record = self.history.open(server_round, "train")
         dim, classes = stage_dim(inner.net, self.stage), inner.net.arch.num_classes
+        owners, last = inner.server.owners, inner.net.num_layers - 1
         candidates: list[tuple[ClientKey, Message]] = []
         replied = 0
         for msg in replies:
@@ -183,9 +196,18 @@ class SecondStage(StrategyWrapper):
             if metrics.get(S.SECOND_STAGE) != self.components:
                 self._reject(record, node, "not the second stage's statistics")
                 continue
-            candidates.append((ClientKey.of(metrics.get(P.PARTITION_ID), node), msg))
+            key = ClientKey.of(metrics.get(P.PARTITION_ID), node)
+            try:  # the partition's owner since the layers' rounds (ownership.PartitionOwners)
+                note = owners.check(key, _num_partitions(metrics), last, self._connected)
+            except StatisticsError as exc:
+                self._reject(record, node, str(exc))
+                continue
+            if note:
+                log(WARNING, "%s", note)
+            candidates.append((key, msg))
         total = LayerStatistics(np.zeros((dim, dim)), np.zeros((dim, classes)), 0)
         partitions: list[int] = []
+        summed: list[ClientKey] = []
         seen: set[tuple[int, int]] = set()
         for key, msg in sorted(candidates, key=lambda kv: kv[0]):  # partition order
             if (key.rank, key.partition) in seen:  # the smaller node id was kept
@@ -201,7 +223,9 @@ class SecondStage(StrategyWrapper):
             total.cross += stats.cross
             total.count += int(stats.count)
             partitions.append(key.partition)
+            summed.append(key)
             del stats
+        owners.bind(summed, last)
         num_valid = len(partitions)
         record.num_replies = replied
         record.details.update({"partitions": partitions, "num-valid": num_valid})
