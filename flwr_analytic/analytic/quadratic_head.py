@@ -72,10 +72,9 @@ def stage_statistics(
     acc = StatisticsAccumulator(stage_dim(net, stage), classes, "float64")
     source = iter_batches((x, y) if y is not None else x, batch_size)
     for xb, yb in with_mirrors(source) if net.mirror else source:
-        rows = stage.rows(head_features(net, xb))[:, None, :-1]  # the bias entry is implicit
-        acc.add_patches(
-            torch.from_numpy(np.ascontiguousarray(rows)), one_hot(np.asarray(yb), classes)
-        )
+        h = head_features(net, xb)
+        rows = np.hstack([h, stage.features(h)])[:, None, :]  # [h, q]: the bias entry is implicit
+        acc.add_patches(torch.from_numpy(rows), one_hot(np.asarray(yb), classes))
     return acc.result()
 
 

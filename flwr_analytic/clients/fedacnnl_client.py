@@ -323,17 +323,16 @@ class FedACnnLHandlers:
         """
         start = time.perf_counter()
         context, cfg, config, arrays, train, _ = self.receive(msg, context, require_arrays=False)
+        layer, stage, dp = int(config[P.LAYER]), config.get(S.SECOND_STAGE), dp_config(cfg)
+        if stage is not None and dp.enabled:  # refused before any work
+            raise ValueError("this node releases DP statistics; the second stage has no DP")
         with _blas_threads(cfg):
             net, stats = layer_statistics(config, arrays, train, self.model)
-            layer, stage = int(config[P.LAYER]), config.get(S.SECOND_STAGE)
             which = str(config.get(P.PERSONALIZE_LAYERS, "last"))
             keep = cfg["keep-statistics"] and stage is None
             if keep and layer in P.personalized_layers(net, which):
                 keep_layer_statistics(context, layer, P.weights_digest(net, layer), stats)
-            dp = dp_config(cfg)
             pid = _partition_id(context)
-            if stage is not None and dp.enabled:
-                raise ValueError("this node releases DP statistics; the second stage has no DP")
             if stage is None:
                 stats = release_statistics(net, layer, train, stats, dp, cfg, pid, config)
         metrics = MetricRecord(

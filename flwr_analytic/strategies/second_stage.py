@@ -116,7 +116,6 @@ class SecondStage(StrategyWrapper):
     def _clear(self) -> None:
         self.stage: QuadraticStage | None = None
         self.weights: np.ndarray | None = None
-        self.pooled: np.ndarray | None = None
         self.skipped: str | None = None
         self._connected: set[int] | None = None
 
@@ -124,6 +123,12 @@ class SecondStage(StrategyWrapper):
         """Start over: the wrapped strategy's reset, and no second stage."""
         self.strategy.reset()
         self._clear()
+
+    @property
+    def pooled(self) -> np.ndarray:
+        """The pooled class counts: the bias row of the output layer's summed ``B``."""
+        inner = self.innermost()
+        return np.array(inner.server.layer_statistics[inner.net.num_layers - 1].cross[-1])
 
     @property
     def num_rounds(self) -> int:
@@ -138,7 +143,7 @@ class SecondStage(StrategyWrapper):
     def summary(self) -> None:
         """The wrapped strategy's summary and the second stage's settings."""
         self.strategy.summary()
-        log(INFO, "\t└──> Second stage: k %d, scoring T %g, w %g", self.components,
+        log(INFO, "\t└──> Second stage (one more round): k %d, scoring T %g, w %g", self.components,
             self.settings[S.TEMPERATURE], self.settings[S.WEIGHT])  # fmt: skip
 
     # ------------------------------------------------------------------------------ training
@@ -155,7 +160,6 @@ class SecondStage(StrategyWrapper):
         if self.stage is None:
             total = inner.server.layer_statistics[last]
             self.stage = QuadraticStage.from_gram(total.gram, self.components)
-            self.pooled = np.array(total.cross[-1], dtype=np.float64)
         node_ids = sample_available(
             grid, inner.fraction_train, inner.min_train_nodes, inner.min_available_nodes,
             what="second stage", timeout=inner.availability_timeout,
